@@ -1,0 +1,470 @@
+"""Accumulate ACKs into batches, pack them, and ship them in order.
+
+The split follows aiokafka's producer: the accumulator (``enqueue``) only
+builds batches and applies backpressure; the shipper (``_ship``) only packs,
+names and stores them, several at a time, and resolves each batch's delivery
+future strictly in batch order. Work is handed over per batch, never per ACK:
+an ACK is a ``bytes`` line appended to a list, and the per-ACK cost is an
+append and a counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import msgspec
+from pydantic import BaseModel
+
+from .clock import Clock, SystemClock
+from .compression import check_level, compress, decompress, resolve_codec
+from .errors import ConfigurationError, DeliveryError, InvalidAckError, KeyExistsError, PohBatcherError
+from .naming import KeyNamer
+from .parsing import LineValidator
+from .retry import RetryPolicy, call_with_retry
+from .storage import StorageBackend, storage_from_url
+from .types import AckItem, BatchHeader, Codec, PackedBatch
+
+Ack: TypeAlias = AckItem | Mapping[str, Any] | bytes | str
+BatchSink: TypeAlias = Callable[[PackedBatch], Awaitable[Any]]
+_MAX_KEY_CONFLICTS = 1000
+_OFF_LOOP_THRESHOLD = 2000
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReceipt:
+    """What happened to one delivered batch."""
+
+    index: int
+    count: int
+    raw_bytes: int
+    stored_bytes: int
+    codec: Codec
+    key: str | None
+    url: str | None
+    attempts: int
+
+
+@dataclass(slots=True)
+class BatcherStats:
+    """Running totals, for summaries and metrics."""
+
+    acks_enqueued: int = 0
+    acks_delivered: int = 0
+    acks_failed: int = 0
+    batches_delivered: int = 0
+    batches_failed: int = 0
+    batches_in_flight: int = 0
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    retries: int = 0
+
+
+class _OpenBatch:
+    __slots__ = ("delivered", "index", "lines", "opened_at", "raw_bytes", "settled")
+
+    def __init__(self, index: int, opened_at: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.index = index
+        self.lines: list[bytes] = []
+        self.raw_bytes = 2  # the brackets of the JSON array
+        self.opened_at = opened_at
+        self.delivered: asyncio.Future[BatchReceipt] = loop.create_future()
+        # Consume an exception nobody awaited, so it is not logged as "never retrieved";
+        # failures still reach stop() and every awaiting caller.
+        self.delivered.add_done_callback(_swallow)
+        self.settled: asyncio.Future[None] = loop.create_future()
+
+
+def _swallow(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class AsyncBatcher:
+    """Groups ACKs into compressed batches and stores them, in order, durably.
+
+    ``sink`` is an async callable that receives each :class:`PackedBatch`, or a
+    :class:`StorageBackend` or storage URL, in which case the batcher names and
+    stores each batch itself. A batch is flushed when it holds ``max_items``
+    ACKs, when the next ACK would take it past ``max_bytes`` (uncompressed),
+    ``timeout`` seconds after its first ACK arrived, or on :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        max_items: int = 256,
+        timeout: float = 0.5,
+        sink: BatchSink | StorageBackend | str | None = None,
+        *,
+        max_bytes: int | None = None,
+        codec: str = "auto",
+        level: int = 3,
+        max_pending: int | None = None,
+        max_in_flight: int = 4,
+        retry: RetryPolicy | None = None,
+        prefix: str = "",
+        writer_id: str | None = None,
+        max_line_bytes: int | None = None,
+        clock: Clock | None = None,
+        on_delivered: Callable[[BatchReceipt], None] | None = None,
+        on_retry: Callable[[int, BaseException, float], None] | None = None,
+    ) -> None:
+        if sink is None:
+            raise ConfigurationError("AsyncBatcher needs a sink: an async callable, a StorageBackend or a URL")
+        if max_items < 1:
+            raise ConfigurationError(f"max_items must be at least 1, got {max_items}")
+        if not timeout > 0:
+            raise ConfigurationError(f"timeout must be positive, got {timeout}")
+        if max_bytes is not None and max_bytes < 3:
+            raise ConfigurationError(f"max_bytes must be at least 3, got {max_bytes}")
+        if max_in_flight < 1:
+            raise ConfigurationError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.max_items = max_items
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.codec: Codec = resolve_codec(codec)
+        check_level(self.codec, level)
+        self.level = level
+        self.max_pending = max(max_pending or max_items * (max_in_flight + 2), max_items)
+        self.retry = retry or RetryPolicy()
+        self.stats = BatcherStats()
+        self._clock: Clock = clock or SystemClock()
+        self._validator = LineValidator(max_line_bytes) if max_line_bytes else LineValidator()
+        self._on_delivered = on_delivered
+        self._on_retry = on_retry
+        self._storage: StorageBackend | None = None
+        self._sink: BatchSink | None = None
+        self._namer: KeyNamer | None = None
+        if isinstance(sink, str):
+            sink = storage_from_url(sink)
+        if isinstance(sink, StorageBackend):
+            self._storage = sink
+            self._namer = KeyNamer(sink, self.codec, prefix=prefix, writer_id=writer_id)
+        elif callable(sink):
+            self._sink = sink
+        else:
+            raise ConfigurationError(f"sink must be an async callable, a StorageBackend or a URL, not {sink!r}")
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._naming = asyncio.Lock()
+        self._room = asyncio.Event()
+        self._current: _OpenBatch | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._last_settled: asyncio.Future[None] | None = None
+        self._shipping: set[asyncio.Task[None]] = set()
+        self._failures: list[BaseException] = []
+        self._pending = 0
+        self._batches = 0
+        self._state = "new"
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Ready the batcher; enqueuing also starts it."""
+        if self._state == "new":
+            self._state = "running"
+
+    async def stop(self) -> None:
+        """Flush, wait for every batch, and raise ``DeliveryError`` if any was lost.
+
+        Safe to call twice: the second call only waits for the first to finish.
+        """
+        if self._state == "stopped":
+            return
+        self._state = "stopping"
+        self._seal()
+        while self._shipping:
+            await asyncio.gather(*self._shipping, return_exceptions=True)
+        self._state = "stopped"
+        if self._failures:
+            first = self._failures[0]
+            raise DeliveryError(
+                f"{self.stats.batches_failed} batch(es) with {self.stats.acks_failed} ACK(s) "
+                f"could not be stored: {first}"
+            ) from first
+
+    async def __aenter__(self) -> AsyncBatcher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- accumulating --------------------------------------------------------
+
+    async def enqueue(self, ack: Ack) -> asyncio.Future[BatchReceipt]:
+        """Add one ACK; wait while too many are pending (backpressure).
+
+        Returns a future that resolves when the batch holding the ACK is durably
+        stored, or fails with the reason it could not be.
+        """
+        line = self._line_of(ack)
+        self._check_open()
+        if self._pending >= self.max_pending:
+            await self._wait_for_room()
+        return self._append(line)
+
+    submit = enqueue
+
+    async def enqueue_many(self, acks: Iterable[Ack]) -> asyncio.Future[list[BatchReceipt]]:
+        """Add many ACKs at once (the fast path); validated before any is added.
+
+        Returns a future that resolves when every one of them is stored.
+        """
+        items = list(acks)
+        raw: list[bytes | bytearray] = [item for item in items if isinstance(item, (bytes, bytearray))]
+        if items and len(raw) == len(items):
+            if len(raw) > _OFF_LOOP_THRESHOLD:
+                lines = await asyncio.to_thread(self._validate_lines, raw)
+            else:
+                lines = self._validate_lines(raw)
+        else:
+            lines = [self._line_of(item, index) for index, item in enumerate(items, 1)]
+        return await self.enqueue_lines(lines)
+
+    async def enqueue_lines(self, lines: list[bytes]) -> asyncio.Future[list[BatchReceipt]]:
+        """Add ACK lines that are already validated and minified (no checks)."""
+        self._check_open()
+        futures: list[asyncio.Future[BatchReceipt]] = []
+        start = 0
+        while start < len(lines):
+            if self._pending >= self.max_pending:
+                await self._wait_for_room()
+            if self._current is None:
+                self._open()
+            batch = self._current
+            assert batch is not None
+            room = min(self.max_items - len(batch.lines), self.max_pending - self._pending)
+            if self.max_bytes is None:
+                chunk = lines[start : start + room]
+                commas = len(chunk) if batch.lines else len(chunk) - 1
+                batch.lines.extend(chunk)
+                batch.raw_bytes += sum(map(len, chunk)) + commas
+                self._pending += len(chunk)
+                self.stats.acks_enqueued += len(chunk)
+                start += len(chunk)
+                futures.append(batch.delivered)
+                if len(batch.lines) >= self.max_items:
+                    self._seal()
+            else:
+                for line in lines[start : start + room]:
+                    future = self._append(line)
+                    if not futures or futures[-1] is not future:
+                        futures.append(future)
+                    start += 1
+        return asyncio.ensure_future(asyncio.gather(*futures))
+
+    def _append(self, line: bytes) -> asyncio.Future[BatchReceipt]:
+        batch = self._current
+        if batch is None:
+            batch = self._open()
+        elif self.max_bytes is not None and batch.raw_bytes + 1 + len(line) > self.max_bytes:
+            self._seal()
+            batch = self._open()
+        if batch.lines:
+            batch.raw_bytes += 1  # the comma
+        batch.lines.append(line)
+        batch.raw_bytes += len(line)
+        self._pending += 1
+        self.stats.acks_enqueued += 1
+        delivered = batch.delivered
+        if len(batch.lines) >= self.max_items or (
+            self.max_bytes is not None and batch.raw_bytes >= self.max_bytes
+        ):
+            self._seal()
+        return delivered
+
+    def _open(self) -> _OpenBatch:
+        loop = asyncio.get_running_loop()
+        batch = _OpenBatch(self._batches, self._clock.monotonic(), loop)
+        self._batches += 1
+        self._current = batch
+        self._timer = loop.create_task(self._flush_when_due(batch))
+        return batch
+
+    async def _flush_when_due(self, batch: _OpenBatch) -> None:
+        """Flush ``batch`` ``timeout`` seconds after its first ACK, if still open."""
+        await self._clock.sleep(self.timeout)
+        if self._current is batch:
+            self._timer = None  # do not cancel ourselves in _seal
+            self._seal()
+
+    def _seal(self) -> None:
+        batch = self._current
+        if batch is None or not batch.lines:
+            return
+        self._current = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        previous, self._last_settled = self._last_settled, batch.settled
+        self.stats.batches_in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._ship(batch, previous))
+        self._shipping.add(task)
+        task.add_done_callback(self._shipping.discard)
+
+    def _check_open(self) -> None:
+        if self._state in ("stopping", "stopped"):
+            raise PohBatcherError("the batcher is stopped; no more ACKs can be enqueued")
+        self._state = "running"
+
+    async def _wait_for_room(self) -> None:
+        while self._pending >= self.max_pending:
+            self._room.clear()
+            await self._room.wait()
+
+    # -- shipping ------------------------------------------------------------
+
+    async def _ship(self, batch: _OpenBatch, previous: asyncio.Future[None] | None) -> None:
+        receipt: BatchReceipt | None = None
+        error: BaseException | None = None
+        try:
+            receipt = await self._store(batch)
+        except Exception as exc:
+            error = exc
+        if previous is not None:
+            await previous  # deliver in batch order, whatever finished first
+        count = len(batch.lines)
+        self._pending -= count
+        self.stats.batches_in_flight -= 1
+        self._room.set()
+        if receipt is not None:
+            self.stats.acks_delivered += count
+            self.stats.batches_delivered += 1
+            self.stats.raw_bytes += receipt.raw_bytes
+            self.stats.stored_bytes += receipt.stored_bytes
+            batch.delivered.set_result(receipt)
+            if self._on_delivered is not None:
+                self._on_delivered(receipt)
+        else:
+            assert error is not None
+            self.stats.acks_failed += count
+            self.stats.batches_failed += 1
+            self._failures.append(error)
+            batch.delivered.set_exception(
+                DeliveryError(f"batch {batch.index} ({count} ACKs) was not stored: {error}")
+            )
+        batch.settled.set_result(None)
+
+    async def _store(self, batch: _OpenBatch) -> BatchReceipt:
+        key: str | None = None
+        if self._namer is not None:
+            async with self._naming:
+                key, _ = await self._namer.next_key(self._clock.utcnow())
+        attempts = 0
+
+        def count_retry(attempt: int, exc: BaseException, delay: float) -> None:
+            self.stats.retries += 1
+            if self._on_retry is not None:
+                self._on_retry(attempt, exc, delay)
+
+        async with self._slots:
+            packed = await asyncio.to_thread(self._pack, batch.lines)
+            for _ in range(_MAX_KEY_CONFLICTS):
+
+                async def attempt(key: str | None = key) -> None:
+                    nonlocal attempts
+                    attempts += 1
+                    await self._deliver(packed, key)
+
+                try:
+                    await call_with_retry(attempt, self.retry, self._clock, on_retry=count_retry)
+                    break
+                except KeyExistsError:
+                    assert self._namer is not None
+                    async with self._naming:
+                        key, _ = await self._namer.next_key(self._clock.utcnow())
+            else:
+                raise DeliveryError(f"gave up after {_MAX_KEY_CONFLICTS} taken keys")
+        return BatchReceipt(
+            index=batch.index,
+            count=packed.header.count,
+            raw_bytes=batch.raw_bytes,
+            stored_bytes=len(packed.payload),
+            codec=packed.header.compression,
+            key=key,
+            url=self._storage.get_url(key) if self._storage is not None and key is not None else None,
+            attempts=attempts,
+        )
+
+    def _pack(self, lines: list[bytes]) -> PackedBatch:
+        return pack_lines(lines, codec=self.codec, level=self.level)
+
+    async def _deliver(self, packed: PackedBatch, key: str | None) -> None:
+        if self._sink is not None:
+            result = self._sink(packed)
+            if inspect.isawaitable(result):
+                await result
+            return
+        assert self._storage is not None
+        assert key is not None
+        await self._storage.save_bytes(
+            key,
+            packed.payload,
+            content_type="application/json",
+            content_encoding=None if packed.header.compression == "none" else packed.header.compression,
+            metadata={"ack-count": str(packed.header.count), "codec": packed.header.compression},
+        )
+
+    # -- converting ----------------------------------------------------------
+
+    def _line_of(self, ack: Ack, index: int | None = None) -> bytes:
+        return ack_to_line(ack, self._validator, index)
+
+    def _validate_lines(self, items: Sequence[bytes | bytearray]) -> list[bytes]:
+        block = self._validator.validate_block([bytes(item) for item in items])
+        if block.rejects or block.blank:
+            first = block.rejects[0] if block.rejects else None
+            if first is None:
+                raise InvalidAckError("blank line")
+            raise InvalidAckError(first.reason, first.line)
+        return block.acks
+
+
+Batcher = AsyncBatcher
+"""Backward-compatible name of :class:`AsyncBatcher`."""
+
+
+def pack_lines(lines: list[bytes], *, codec: str = "auto", level: int = 3) -> PackedBatch:
+    """Pack minified ACK lines as one compressed JSON array."""
+    used, payload = compress(b"[" + b",".join(lines) + b"]", level=level, codec=codec)
+    return PackedBatch(BatchHeader(count=len(lines), compression=used), payload)
+
+
+def pack_acks(acks: Iterable[Ack], *, codec: str = "auto", level: int = 3) -> PackedBatch:
+    """Pack ACKs as a minified UTF-8 JSON array, compressed."""
+    validator = LineValidator()
+    lines = [ack_to_line(ack, validator, index) for index, ack in enumerate(acks, 1)]
+    return pack_lines(lines, codec=codec, level=level)
+
+
+def ack_to_line(ack: Ack, validator: LineValidator, index: int | None = None) -> bytes:
+    """The minified JSON line of a validated ACK given as a model, a mapping or a line."""
+    try:
+        if isinstance(ack, BaseModel):
+            return ack.model_dump_json().encode()
+        if isinstance(ack, str):
+            return validator.validate_line(ack.encode())
+        if isinstance(ack, (bytes, bytearray)):
+            return validator.validate_line(bytes(ack))
+        if isinstance(ack, Mapping):
+            return validator.validate_line(_encoder.encode(ack))
+    except InvalidAckError as exc:
+        raise InvalidAckError(exc.reason, index) from None
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise InvalidAckError(f"cannot encode ACK as JSON: {exc}", index) from None
+    raise InvalidAckError(f"an ACK must be an AckItem, a mapping or a JSON line, not {type(ack).__name__}", index)
+
+
+def unpack_batch(batch: PackedBatch) -> list[AckItem]:
+    """The ACKs of a packed batch, in order; the exact inverse of :func:`pack_acks`."""
+    raw = decompress(batch.header.compression, batch.payload)
+    items = msgspec.json.decode(raw)
+    if not isinstance(items, list):
+        raise InvalidAckError("a batch must be a JSON array")
+    if len(items) != batch.header.count:
+        raise InvalidAckError(f"batch header says {batch.header.count} ACKs, payload holds {len(items)}")
+    return [AckItem.model_validate(item) for item in items]

@@ -1,0 +1,184 @@
+"""Validating ACK lines in bulk, keeping their bytes.
+
+The archive stores each ACK exactly as received, minified. Most producers
+already send minified JSON with the four fields in the usual order, so the
+fast path decodes a whole block with msgspec (validating every field in C),
+re-encodes it and compares bytes: if they match, every line is valid and
+already canonical, and the input bytes are kept without building any Python
+object per line. Any block that does not match falls back to a per-line check
+that finds the bad lines, their reasons, and minifies lines that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+
+from .errors import InvalidAckError
+
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+REQUIRED_FIELDS = ("id", "timestamp", "signature", "pubkey")
+
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+_Rfc3339 = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class _AckShape(msgspec.Struct):
+    """The validation schema; unknown fields are allowed (and kept from the raw line)."""
+
+    id: _NonEmpty
+    timestamp: _Rfc3339
+    signature: _NonEmpty
+    pubkey: _NonEmpty
+
+
+_decoder = msgspec.json.Decoder(_AckShape)
+_generic_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+_WHITESPACE = re.compile(rb"[ \t\r\n]")
+_STRING_OR_SPACE = re.compile(rb'("(?:[^"\\]|\\.)*")|[ \t\r\n]+', re.DOTALL)
+
+
+@dataclass(slots=True)
+class Reject:
+    """An invalid input line: where, why, and its bytes (kept for the rejects file)."""
+
+    line: int
+    reason: str
+    raw: bytes
+
+
+@dataclass(slots=True)
+class ValidatedBlock:
+    """The outcome of validating consecutive lines."""
+
+    acks: list[bytes] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    blank: int = 0
+
+
+class LineValidator:
+    """Validates ACK lines and returns their minified bytes."""
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        if max_line_bytes < 2:
+            raise ValueError("max_line_bytes must be at least 2")
+        self.max_line_bytes = max_line_bytes
+
+    def validate_block(self, lines: list[bytes], first_line: int = 1) -> ValidatedBlock:
+        """Validate ``lines`` (without their newlines), numbered from ``first_line``."""
+        if not lines:
+            return ValidatedBlock()
+        if max(map(len, lines)) <= self.max_line_bytes:
+            joined = b"\n".join(lines) + b"\n"
+            try:
+                shapes = _decoder.decode_lines(joined)
+            except (msgspec.DecodeError, RecursionError):
+                pass
+            else:
+                if len(shapes) == len(lines) and _encoder.encode_lines(shapes) == joined:
+                    return ValidatedBlock(acks=lines)
+        return self._validate_each(lines, first_line)
+
+    def _validate_each(self, lines: list[bytes], first_line: int) -> ValidatedBlock:
+        block = ValidatedBlock()
+        for number, line in enumerate(lines, first_line):
+            if not line.strip():
+                block.blank += 1
+                continue
+            try:
+                block.acks.append(self.validate_line(line))
+            except InvalidAckError as exc:
+                block.rejects.append(Reject(number, exc.reason, line))
+        return block
+
+    def validate_line(self, line: bytes) -> bytes:
+        """The minified bytes of one valid ACK line; ``InvalidAckError`` says why not."""
+        if len(line) > self.max_line_bytes:
+            raise InvalidAckError(
+                f"line is {len(line)} bytes, over the limit of {self.max_line_bytes} (--max-line-bytes)"
+            )
+        try:
+            if _encoder.encode(_decoder.decode(line)) == line:
+                return line  # the common case: canonical, no extra fields
+        except (msgspec.DecodeError, RecursionError):
+            pass  # find the precise reason below
+        return _validate_slowly(line)
+
+
+def _validate_slowly(line: bytes) -> bytes:
+    """Full validation with a precise reason; returns the minified line."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidAckError(f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        value = _generic_decoder.decode(line)
+    except RecursionError:
+        raise InvalidAckError("JSON nested too deeply") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidAckError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidAckError(f"not a JSON object (got {_json_type(value)})")
+    duplicate = _first_duplicate_key(text)
+    if duplicate is not None:
+        raise InvalidAckError(f"duplicate field {duplicate!r}")
+    for name in REQUIRED_FIELDS:
+        if name not in value:
+            raise InvalidAckError(f"missing field {name!r}")
+        if not isinstance(value[name], str):
+            raise InvalidAckError(f"field {name!r} must be a string, got {_json_type(value[name])}")
+        if not value[name]:
+            raise InvalidAckError(f"field {name!r} is empty")
+    try:
+        msgspec.convert(value["timestamp"], _Rfc3339)
+    except msgspec.ValidationError:
+        raise InvalidAckError(
+            f"field 'timestamp' is not an RFC 3339 time with 'Z' or an offset: {value['timestamp']!r}"
+        ) from None
+    return minify(line)
+
+
+def minify(line: bytes) -> bytes:
+    """Remove insignificant whitespace from valid JSON, keeping strings byte for byte."""
+    if not _WHITESPACE.search(line):
+        return line
+    return _STRING_OR_SPACE.sub(lambda m: m.group(1) or b"", line)
+
+
+def _first_duplicate_key(text: str) -> str | None:
+    """The first field name that appears twice in one object, at any depth."""
+    found: list[str] = []
+
+    def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen and not found:
+                found.append(name)
+            seen.add(name)
+        return dict(pairs)
+
+    try:
+        json.loads(text, object_pairs_hook=check)
+    except RecursionError:
+        raise InvalidAckError("JSON nested too deeply") from None
+    return found[0] if found else None
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "string"

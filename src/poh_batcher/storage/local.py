@@ -1,0 +1,138 @@
+"""Local-disk backend: atomic, durable, never overwriting.
+
+A batch is written to a hidden temporary file in its final folder, fsync'd,
+then hard-linked to its key. ``link`` fails when the key exists, so two writers
+can never overwrite each other (``rename`` would silently replace the target).
+The folder is fsync'd afterwards so the new name survives a power cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import errno
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..errors import KeyExistsError, StorageError
+from .base import StorageBackend, check_key
+
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
+class LocalStorage(StorageBackend):
+    """Batches as files below ``root`` (created on first write)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    def path_of(self, key: str) -> Path:
+        """The file that holds ``key``."""
+        return self.root / check_key(key)
+
+    async def save_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str | None = None,
+        content_encoding: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        # Content type, encoding and metadata are carried by the key's extension
+        # on disk; readers derive them from the name.
+        await asyncio.to_thread(self.write_durably, key, data)
+
+    def write_durably(self, key: str, data: bytes) -> None:
+        """Blocking body of :meth:`save_bytes`, for callers already on a worker thread."""
+        path = self.path_of(key)
+        try:
+            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            try:
+                os.fchmod(fd, FILE_MODE)  # independent of the process umask
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                raise KeyExistsError(key) from None
+            finally:
+                os.unlink(temp)
+            _fsync_dir(path.parent)
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise _storage_error(key, path, exc) from exc
+
+    async def preflight(self) -> None:
+        await asyncio.to_thread(self._check_writable)
+
+    def _check_writable(self) -> None:
+        try:
+            self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.root}: {exc.strerror or exc}", retryable=False) from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageError(f"cannot write to {self.root}: permission denied", retryable=False)
+
+    async def load_bytes(self, key: str) -> bytes:
+        path = self.path_of(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise _storage_error(key, path, exc) from exc
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self.path_of(key).is_file)
+
+    async def list(self, prefix: str = "") -> builtins.list[str]:
+        return await asyncio.to_thread(self._list, prefix)
+
+    def _list(self, prefix: str) -> builtins.list[str]:
+        folder = prefix.rpartition("/")[0]
+        start = self.root / check_key(folder) if folder else self.root
+        keys: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            base = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.startswith("."):
+                    continue  # temporary files of writes in progress
+                key = name if base == "." else f"{base}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        keys.sort()
+        return keys
+
+    def get_url(self, key: str) -> str:
+        return self.path_of(key).as_uri()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(key: str, path: Path, exc: OSError) -> StorageError:
+    """Map an OS error to a StorageError that says whether retrying can help."""
+    transient = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EINTR)
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOENT and not transient:
+        return StorageError(f"no object {key!r} at {path}: {reason}", retryable=False)
+    hint = " (disk full: free space and it will be retried)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return StorageError(f"cannot write {path}: {reason}{hint}", retryable=transient)
