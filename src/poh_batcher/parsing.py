@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any
@@ -22,6 +23,8 @@ import msgspec
 from .errors import InvalidAckError
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
+AckCheck = Callable[[bytes], "str | None"]
+"""An extra check of a valid ACK line (signature, age, duplicate): a reject reason, or None."""
 REQUIRED_FIELDS = ("id", "timestamp", "signature", "pubkey")
 
 _NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
@@ -65,15 +68,22 @@ class ValidatedBlock:
 class LineValidator:
     """Validates ACK lines and returns their minified bytes."""
 
-    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, checks: Sequence[AckCheck] = ()) -> None:
         if max_line_bytes < 2:
             raise ValueError("max_line_bytes must be at least 2")
         self.max_line_bytes = max_line_bytes
+        self.checks = tuple(checks)
 
     def validate_block(self, lines: list[bytes], first_line: int = 1) -> ValidatedBlock:
         """Validate ``lines`` (without their newlines), numbered from ``first_line``."""
         if not lines:
             return ValidatedBlock()
+        block = self._validate_shape(lines, first_line)
+        if self.checks:
+            block = self._apply_checks(block, lines, first_line)
+        return block
+
+    def _validate_shape(self, lines: list[bytes], first_line: int) -> ValidatedBlock:
         if max(map(len, lines)) <= self.max_line_bytes:
             joined = b"\n".join(lines) + b"\n"
             try:
@@ -84,6 +94,28 @@ class LineValidator:
                 if len(shapes) == len(lines) and _encoder.encode_lines(shapes) == joined:
                     return ValidatedBlock(acks=lines)
         return self._validate_each(lines, first_line)
+
+    def _apply_checks(self, block: ValidatedBlock, lines: list[bytes], first_line: int) -> ValidatedBlock:
+        """Run the extra checks over the valid ACKs, keeping rejects in line order."""
+        if block.acks is lines:  # fast path: every line is an ACK, numbered in order
+            numbered = list(enumerate(lines, first_line))
+        else:
+            rejected = {reject.line for reject in block.rejects}
+            numbers = (
+                number
+                for number, line in enumerate(lines, first_line)
+                if number not in rejected and line.strip()
+            )
+            numbered = list(zip(numbers, block.acks, strict=True))
+        checked = ValidatedBlock(rejects=list(block.rejects), blank=block.blank)
+        for number, ack in numbered:
+            reason = next((r for r in (check(ack) for check in self.checks) if r is not None), None)
+            if reason is None:
+                checked.acks.append(ack)
+            else:
+                checked.rejects.append(Reject(number, reason, lines[number - first_line]))
+        checked.rejects.sort(key=lambda reject: reject.line)
+        return checked
 
     def _validate_each(self, lines: list[bytes], first_line: int) -> ValidatedBlock:
         block = ValidatedBlock()
