@@ -36,10 +36,28 @@ _encoder = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """A sealed batch about to be stored: which ACKs, under which key, packed how.
+
+    ``first`` is the position of its first ACK in the order they were enqueued
+    (counting from the batcher's ``first_index``), so that a write-ahead spool
+    can rebuild the very same batch after a crash.
+    """
+
+    index: int
+    first: int
+    count: int
+    key: str | None
+    codec: Codec
+    level: int
+
+
+@dataclass(frozen=True, slots=True)
 class BatchReceipt:
     """What happened to one delivered batch."""
 
     index: int
+    first: int
     count: int
     raw_bytes: int
     stored_bytes: int
@@ -47,6 +65,7 @@ class BatchReceipt:
     key: str | None
     url: str | None
     attempts: int
+    store_seconds: float = 0.0  # from packed to durable, retries included
 
 
 @dataclass(slots=True)
@@ -62,13 +81,15 @@ class BatcherStats:
     raw_bytes: int = 0
     stored_bytes: int = 0
     retries: int = 0
+    upload_attempts: int = 0
 
 
 class _OpenBatch:
-    __slots__ = ("delivered", "index", "lines", "opened_at", "raw_bytes", "settled")
+    __slots__ = ("delivered", "first", "index", "lines", "opened_at", "raw_bytes", "settled")
 
     def __init__(self, index: int, opened_at: float, loop: asyncio.AbstractEventLoop) -> None:
         self.index = index
+        self.first = 0  # set when sealed
         self.lines: list[bytes] = []
         self.raw_bytes = 2  # the brackets of the JSON array
         self.opened_at = opened_at
@@ -110,6 +131,8 @@ class AsyncBatcher:
         writer_id: str | None = None,
         max_line_bytes: int | None = None,
         clock: Clock | None = None,
+        first_index: int = 0,
+        before_store: Callable[[BatchPlan], Awaitable[None]] | None = None,
         on_delivered: Callable[[BatchReceipt], None] | None = None,
         on_retry: Callable[[int, BaseException, float], None] | None = None,
     ) -> None:
@@ -135,6 +158,8 @@ class AsyncBatcher:
         self._clock: Clock = clock or SystemClock()
         self._validator = LineValidator(max_line_bytes) if max_line_bytes else LineValidator()
         self._on_delivered = on_delivered
+        self._before_store = before_store
+        self._sealed_acks = first_index
         self._on_retry = on_retry
         self._storage: StorageBackend | None = None
         self._sink: BatchSink | None = None
@@ -155,6 +180,7 @@ class AsyncBatcher:
         self._timer: asyncio.Task[None] | None = None
         self._last_settled: asyncio.Future[None] | None = None
         self._shipping: set[asyncio.Task[None]] = set()
+        self._unsettled: list[_OpenBatch] = []  # sealed, not yet delivered or failed, in order
         self._failures: list[BaseException] = []
         self._pending = 0
         self._batches = 0
@@ -167,17 +193,23 @@ class AsyncBatcher:
         if self._state == "new":
             self._state = "running"
 
-    async def stop(self) -> None:
-        """Flush, wait for every batch, and raise ``DeliveryError`` if any was lost.
+    async def stop(self, timeout: float | None = None) -> None:
+        """Flush, wait for every batch, and raise ``DeliveryError`` if any was not stored.
 
-        Safe to call twice: the second call only waits for the first to finish.
+        With ``timeout``, batches still being stored after that many seconds are
+        abandoned (their futures fail); a write-ahead spool keeps their ACKs.
+        Safe to call twice: the second call returns at once.
         """
         if self._state == "stopped":
             return
         self._state = "stopping"
         self._seal()
+        deadline = None if timeout is None else self._clock.monotonic() + timeout
         while self._shipping:
-            await asyncio.gather(*self._shipping, return_exceptions=True)
+            remaining = None if deadline is None else max(0.0, deadline - self._clock.monotonic())
+            _, pending = await asyncio.wait(set(self._shipping), timeout=remaining)
+            if pending and deadline is not None and self._clock.monotonic() >= deadline:
+                self._abandon(pending)
         self._state = "stopped"
         if self._failures:
             first = self._failures[0]
@@ -185,6 +217,34 @@ class AsyncBatcher:
                 f"{self.stats.batches_failed} batch(es) with {self.stats.acks_failed} ACK(s) "
                 f"could not be stored: {first}"
             ) from first
+
+    def abandon(self) -> None:
+        """Give up on every batch still being stored (a shutdown timeout); their futures fail."""
+        self._abandon(set(self._shipping))
+
+    def _abandon(self, tasks: set[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        for batch in self._unsettled:
+            count = len(batch.lines)
+            self.stats.acks_failed += count
+            self.stats.batches_failed += 1
+            self.stats.batches_in_flight -= 1
+            error = DeliveryError(f"batch {batch.index} ({count} ACKs) was not stored before the shutdown timeout")
+            self._failures.append(error)
+            batch.delivered.set_exception(error)
+        self._unsettled.clear()
+
+    @property
+    def pending_acks(self) -> int:
+        """ACKs enqueued and not yet delivered or failed."""
+        return self._pending
+
+    def oldest_pending_age(self) -> float:
+        """Seconds since the oldest ACK not yet stored was enqueued (0.0 if none); safe from any thread."""
+        batches = [*self._unsettled[:1], self._current]  # sealed batches first: the oldest is first
+        opened = [batch.opened_at for batch in batches if batch is not None and batch.lines]
+        return max(0.0, self._clock.monotonic() - opened[0]) if opened else 0.0
 
     async def __aenter__(self) -> AsyncBatcher:
         await self.start()
@@ -297,11 +357,14 @@ class AsyncBatcher:
         if batch is None or not batch.lines:
             return
         self._current = None
+        batch.first = self._sealed_acks
+        self._sealed_acks += len(batch.lines)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         previous, self._last_settled = self._last_settled, batch.settled
         self.stats.batches_in_flight += 1
+        self._unsettled.append(batch)
         task = asyncio.get_running_loop().create_task(self._ship(batch, previous))
         self._shipping.add(task)
         task.add_done_callback(self._shipping.discard)
@@ -328,6 +391,7 @@ class AsyncBatcher:
         if previous is not None:
             await previous  # deliver in batch order, whatever finished first
         count = len(batch.lines)
+        self._unsettled.remove(batch)
         self._pending -= count
         self.stats.batches_in_flight -= 1
         self._room.set()
@@ -363,11 +427,16 @@ class AsyncBatcher:
 
         async with self._slots:
             packed = await asyncio.to_thread(self._pack, batch.lines)
+            started = self._clock.monotonic()
             for _ in range(_MAX_KEY_CONFLICTS):
+                if self._before_store is not None:
+                    plan = BatchPlan(batch.index, batch.first, len(batch.lines), key, self.codec, self.level)
+                    await self._before_store(plan)
 
                 async def attempt(key: str | None = key) -> None:
                     nonlocal attempts
                     attempts += 1
+                    self.stats.upload_attempts += 1
                     await self._deliver(packed, key)
 
                 try:
@@ -381,6 +450,7 @@ class AsyncBatcher:
                 raise DeliveryError(f"gave up after {_MAX_KEY_CONFLICTS} taken keys")
         return BatchReceipt(
             index=batch.index,
+            first=batch.first,
             count=packed.header.count,
             raw_bytes=batch.raw_bytes,
             stored_bytes=len(packed.payload),
@@ -388,6 +458,7 @@ class AsyncBatcher:
             key=key,
             url=self._storage.get_url(key) if self._storage is not None and key is not None else None,
             attempts=attempts,
+            store_seconds=self._clock.monotonic() - started,
         )
 
     def _pack(self, lines: list[bytes]) -> PackedBatch:

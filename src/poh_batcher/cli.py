@@ -10,27 +10,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import BinaryIO
 
 from . import __version__
+from .config import add_operations_options, parse_args
 from .errors import ConfigurationError, PohBatcherError, StorageError
+from .logs import log_rejects, report_summary, setup_logging
 from .naming import validate_writer_id
-from .parsing import DEFAULT_MAX_LINE_BYTES, LineValidator, Reject
+from .observer import ArchiveObserver, command_observers
+from .parsing import DEFAULT_MAX_LINE_BYTES, AckCheck, LineValidator, Reject
 from .pipeline import ArchiveSettings, run_archive
+from .retry import RetryPolicy
+from .spool import Recovered, Spool, default_spool_dir
 from .sources.lines import LineSource
-from .storage import storage_from_url
+from .storage import StorageBackend, storage_from_url
 from .summary import Summary
 
 EXIT_OK = 0
 EXIT_INVALID_INPUT = 1
 EXIT_USAGE = 2
 EXIT_STORAGE = 3
+EXIT_KEPT_IN_SPOOL = 4
 EXIT_INTERRUPTED = 130
 
 DEFAULT_OUTPUT = "file://./batches"
@@ -89,6 +95,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_LINE_BYTES,
         help=f"reject longer lines (default {DEFAULT_MAX_LINE_BYTES})",
     )
+    validation.add_argument(
+        "--verify-signatures", action="store_true", help="reject ACKs whose Ed25519 signature does not verify"
+    )
+    validation.add_argument(
+        "--ttl", type=_positive_float, default=None, metavar="SECONDS", help="reject ACKs older than this"
+    )
+    validation.add_argument(
+        "--dedupe", action="store_true", help="drop (as rejects) ACKs whose id was seen in the last --dedupe-window"
+    )
+    validation.add_argument(
+        "--dedupe-window", type=_positive_int, default=None, metavar="N", help="ids remembered (default 100000)"
+    )
+    safety = parser.add_argument_group("durability")
+    safety.add_argument(
+        "--spool-dir",
+        default=None,
+        help="write-ahead spool folder (default: $XDG_STATE_HOME/poh-batcher/spool/<hash of destination and writer id>)",
+    )
+    safety.add_argument("--no-spool", action="store_true", help="no spool: a crash loses the ACKs not yet stored")
+    safety.add_argument(
+        "--spool-fsync-interval",
+        type=_non_negative_float,
+        default=0.0,
+        help="0 (default): fsync the spool before every upload; N: at most every N seconds (see Guarantees)",
+    )
+    safety.add_argument(
+        "--shutdown-timeout",
+        type=_non_negative_float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, wait this long for uploads; the rest stays in the spool (default 30)",
+    )
+    add_operations_options(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of fatal errors")
     return parser
 
@@ -100,7 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         module_name, _, function_name = SUBCOMMANDS[arguments[0]].partition(":")
         subcommand: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), function_name)
         return subcommand(arguments[1:])
-    args = build_parser().parse_args(arguments)
+    parser = build_parser()
+    args = parse_args(parser, arguments)  # flag > POH_BATCHER_* environment > --config file > default
+    setup_logging(args.log_level, args.log_format, quiet=args.quiet)
     try:
         settings = ArchiveSettings(
             batch_size=args.batch_size,
@@ -112,13 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_in_flight=args.max_in_flight,
             max_line_bytes=args.max_line_bytes,
             strict=args.strict,
+            shutdown_timeout=args.shutdown_timeout,
+            # With a spool, ACKs wait safely on disk: retry until storage is back or we are stopped.
+            retry=RetryPolicy(attempts=None if not args.no_spool else 10, initial_delay=0.2, max_delay=30.0),
         )
         options = {"endpoint": args.s3_endpoint} if args.s3_endpoint else {}
         storage = storage_from_url(args.output_dir, **options)
         with ExitStack() as files:
             stream: BinaryIO = sys.stdin.buffer if args.input == "-" else files.enter_context(open(args.input, "rb"))
             rejects_file = files.enter_context(open(args.rejects, "ab")) if args.rejects else None
-            summary = asyncio.run(_archive(settings, storage, stream, rejects_file))
+            observers = command_observers(args, files)
+            summary = asyncio.run(
+                _archive(settings, storage, stream, rejects_file, _spool_of(args, storage), observers, _checks_of(args))
+            )
     except (ConfigurationError, ValueError, RuntimeError) as exc:
         return _fail(args, exc, EXIT_USAGE)
     except OSError as exc:
@@ -127,37 +173,101 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, exc, EXIT_STORAGE)
     except PohBatcherError as exc:
         return _fail(args, exc, EXIT_STORAGE)
-    print(summary.render(), file=sys.stderr)
+    report_summary(summary, args.stats_json)
     if summary.acks_not_stored:
-        return EXIT_STORAGE
+        return EXIT_KEPT_IN_SPOOL if summary.spool_dir and summary.stopped_by == "interrupted" else EXIT_STORAGE
     if args.strict and summary.lines_rejected:
         return EXIT_INVALID_INPUT
     return EXIT_OK
 
 
-async def _archive(
-    settings: ArchiveSettings, storage: object, stream: BinaryIO, rejects_file: BinaryIO | None
-) -> Summary:
-    from .storage.base import StorageBackend
+def _spool_of(args: argparse.Namespace, storage: StorageBackend) -> Spool | None:
+    if args.no_spool:
+        return None
+    destination = storage.get_url("x").rpartition("/")[0]
+    directory = args.spool_dir or default_spool_dir(destination, args.writer_id)
+    return Spool(
+        directory, destination=destination, writer_id=args.writer_id, fsync_interval=args.spool_fsync_interval
+    )
 
-    assert isinstance(storage, StorageBackend)
+
+async def _archive(
+    settings: ArchiveSettings,
+    storage: StorageBackend,
+    stream: BinaryIO,
+    rejects_file: BinaryIO | None,
+    spool: Spool | None,
+    observers: Sequence[ArchiveObserver] = (),
+    checks: Sequence[AckCheck] = (),
+) -> Summary:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     await storage.preflight()
-    validator = LineValidator(settings.max_line_bytes)
-    source = LineSource(stream, validator, strict=settings.strict)
+    recovered = Recovered()
+    if spool is not None:
+        input_name = None if stream is sys.stdin.buffer else os.path.abspath(stream.name)
+        recovered = await asyncio.to_thread(spool.open, input_name)
+        if recovered.input_offset:
+            await asyncio.to_thread(_seek_input, stream, recovered.input_offset)
+    validator = LineValidator(settings.max_line_bytes, checks=checks)
+    source = LineSource(
+        stream,
+        validator,
+        strict=settings.strict,
+        start_offset=recovered.input_offset,
+        first_line=recovered.input_line,
+    )
 
     async def report(rejects: list[Reject]) -> None:
         await asyncio.to_thread(_write_rejects, rejects, rejects_file)
 
     try:
-        return await run_archive(settings, source, storage, report_rejects=report, stop=stop)
+        summary = await run_archive(
+            settings,
+            source,
+            storage,
+            report_rejects=report,
+            stop=stop,
+            spool=spool,
+            recovered=recovered,
+            observers=observers,
+        )
     finally:
+        if spool is not None:
+            await spool.close()
         await storage.close()
+    if spool is not None:
+        summary.spool_dir = str(spool.directory)
+    return summary
+
+
+def _checks_of(args: argparse.Namespace) -> list[AckCheck]:
+    """Signature, age and duplicate checks (imported only when asked for)."""
+    if not (args.verify_signatures or args.ttl or args.dedupe or args.dedupe_window):
+        return []
+    from .ingest_checks import build_checks
+
+    return build_checks(
+        verify_signatures=args.verify_signatures,
+        ttl_seconds=args.ttl,
+        dedupe=args.dedupe,
+        dedupe_window=args.dedupe_window,
+    )
+
+
+def _seek_input(stream: BinaryIO, offset: int) -> None:
+    """Continue a file where the spool says its accepted input ended."""
+    size = os.fstat(stream.fileno()).st_size
+    if size < offset:
+        raise ConfigurationError(
+            f"{stream.name} has {size} bytes, fewer than the {offset} already archived from it "
+            "(recorded in the spool); was it replaced? Use another --spool-dir to start over"
+        )
+    stream.seek(offset)
 
 
 def _write_rejects(rejects: list[Reject], rejects_file: BinaryIO | None) -> None:
-    sys.stderr.write("".join(f"line {r.line}: {r.reason}\n" for r in rejects))
+    log_rejects(rejects)  # "line N: reason" on stderr, a JSON record each with --log-format json
     if rejects_file is not None:
         rejects_file.write(b"".join(r.raw + b"\n" for r in rejects))
         rejects_file.flush()
@@ -179,9 +289,8 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
 
 
 def _fail(args: argparse.Namespace, exc: BaseException, status: int) -> int:
-    if args.debug:
-        traceback.print_exception(exc, file=sys.stderr)
-    print(f"poh-batcher: error: {exc}", file=sys.stderr)
+    # "poh-batcher: error: ..." (or a JSON record), credentials redacted; the traceback only with --debug
+    logging.getLogger("poh_batcher").error("%s", exc, exc_info=exc if args.debug else None)
     return status
 
 
@@ -189,6 +298,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
     return value
 
 

@@ -88,7 +88,7 @@ class LineValidator:
             joined = b"\n".join(lines) + b"\n"
             try:
                 shapes = _decoder.decode_lines(joined)
-            except (msgspec.DecodeError, RecursionError):
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
                 pass
             else:
                 if len(shapes) == len(lines) and _encoder.encode_lines(shapes) == joined:
@@ -138,7 +138,7 @@ class LineValidator:
         try:
             if _encoder.encode(_decoder.decode(line)) == line:
                 return line  # the common case: canonical, no extra fields
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
             pass  # find the precise reason below
         return _validate_slowly(line)
 

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .batcher import AsyncBatcher
+from .batcher import AsyncBatcher, BatchPlan, BatchReceipt
 from .clock import Clock, SystemClock
 from .errors import DeliveryError
+from .observer import ArchiveObserver, Observers
 from .parsing import DEFAULT_MAX_LINE_BYTES, Reject
+from .recovery import redeliver
 from .retry import RetryPolicy
 from .sources.base import Chunk, Source
+from .spool import Recovered, Spool
 from .storage.base import StorageBackend
 from .summary import Summary
 
@@ -38,6 +41,7 @@ class ArchiveSettings:
     max_in_flight: int = 4
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     strict: bool = False
+    shutdown_timeout: float = 30.0
     retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=10, initial_delay=0.2, max_delay=30.0))
 
 
@@ -52,12 +56,42 @@ async def run_archive(
     *,
     report_rejects: RejectReporter,
     stop: asyncio.Event,
+    spool: Spool | None = None,
+    recovered: Recovered | None = None,
     clock: Clock | None = None,
+    observers: Sequence[ArchiveObserver] = (),
 ) -> Summary:
-    """Archive everything ``source`` yields into ``storage`` until it ends or ``stop`` is set."""
+    """Archive everything ``source`` yields into ``storage`` until it ends or ``stop`` is set.
+
+    ``observers`` (metrics, progress, logs) are told about the run as it goes
+    and sample its live figures; see :class:`poh_batcher.observer.ArchiveObserver`.
+
+    With a ``spool`` (opened by the caller, which got ``recovered`` from it),
+    what a previous run left is delivered first, every chunk is journaled
+    before it counts as accepted, and each batch's plan is made durable before
+    its upload.
+    """
     clock = clock or SystemClock()
+    observer = Observers(observers)
     summary = Summary()
     started = clock.monotonic()
+    recovered = recovered or Recovered()
+    if spool is not None and recovered.batches:
+        summary.batches_recovered, summary.acks_recovered = await redeliver(
+            recovered.batches, storage, spool, retry=settings.retry, clock=clock
+        )
+    summary.acks_recovered += len(recovered.unbatched)
+
+    def delivered(receipt: BatchReceipt) -> None:
+        if spool is not None:
+            spool.record_delivered(receipt.first, receipt.count, receipt.key)
+        observer.on_delivered(receipt)
+
+    async def plan(batch: BatchPlan) -> None:
+        assert spool is not None
+        assert batch.key is not None
+        await spool.record_batch(batch.first, batch.count, batch.key, batch.codec, batch.level)
+
     batcher = AsyncBatcher(
         settings.batch_size,
         settings.batch_timeout,
@@ -69,7 +103,16 @@ async def run_archive(
         retry=settings.retry,
         writer_id=settings.writer_id,
         clock=clock,
+        first_index=recovered.unbatched_first,
+        before_store=plan if spool is not None else None,
+        on_delivered=delivered,
+        on_retry=observer.on_retry if observer else None,
     )
+    observer.on_start(batcher, summary)
+    if recovered.unbatched:
+        await batcher.enqueue_lines(recovered.unbatched)
+    accepted_before = batcher.stats.acks_enqueued
+    next_line = recovered.input_line
     chunks = source.chunks()
     try:
         while True:
@@ -80,18 +123,23 @@ async def run_archive(
                 break
             if chunk is None:
                 break
+            observer.on_chunk(chunk)
+            next_line += chunk.lines
+            if spool is not None and (chunk.acks or chunk.end_offset is not None):
+                await spool.append(chunk.acks, input_offset=chunk.end_offset, next_line=next_line)
+                summary.acks_journaled += len(chunk.acks)
             summary.lines_rejected += len(chunk.rejects)
             summary.blank_lines += chunk.blank
             if chunk.rejects:
                 await report_rejects(chunk.rejects)
             if chunk.acks:
                 try:
-                    delivered = await _unless_stopped(batcher.enqueue_lines(chunk.acks), stop)
+                    enqueued = await _unless_stopped(batcher.enqueue_lines(chunk.acks), stop)
                 except _Stopped:
                     summary.stopped_by = "interrupted"
                     break
                 if chunk.on_stored is not None:
-                    delivered.add_done_callback(_call_if_ok(chunk.on_stored))
+                    enqueued.add_done_callback(_call_if_ok(chunk.on_stored))
             if settings.strict and chunk.rejects:
                 summary.stopped_by = f"stopped at invalid line {chunk.rejects[0].line} (--strict)"
                 break
@@ -103,23 +151,38 @@ async def run_archive(
         if isinstance(chunks, AsyncGenerator):
             with contextlib.suppress(RuntimeError):
                 await chunks.aclose()
-        failure: DeliveryError | None = None
-        try:
-            await batcher.stop()
-        except DeliveryError as exc:
-            failure = exc
+        failure = await _drain(batcher, stop, settings.shutdown_timeout)
         stats = batcher.stats
-        summary.acks_accepted = stats.acks_enqueued
+        summary.acks_accepted = max(summary.acks_journaled, stats.acks_enqueued - accepted_before)
         summary.lines_read = summary.acks_accepted + summary.lines_rejected + summary.blank_lines
-        summary.acks_stored = stats.acks_delivered
-        summary.acks_not_stored = stats.acks_failed
-        summary.batches = stats.batches_delivered
+        summary.acks_stored = stats.acks_delivered + summary.acks_recovered - len(recovered.unbatched)
+        summary.acks_not_stored = summary.acks_accepted + summary.acks_recovered - summary.acks_stored
+        summary.batches = stats.batches_delivered + summary.batches_recovered
         summary.bytes_in = stats.raw_bytes
         summary.bytes_out = stats.stored_bytes
         summary.retries = stats.retries
         summary.elapsed_seconds = clock.monotonic() - started
         summary.failure = str(failure) if failure else None
+        observer.on_finish(summary)
     return summary
+
+
+async def _drain(batcher: AsyncBatcher, stop: asyncio.Event, shutdown_timeout: float) -> DeliveryError | None:
+    """Wait for every batch; once a stop is requested, for ``shutdown_timeout`` at most."""
+    stopping = asyncio.ensure_future(batcher.stop())
+    if not stop.is_set():
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({stopping, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+    if not stopping.done():
+        await asyncio.wait({stopping}, timeout=shutdown_timeout)
+        if not stopping.done():
+            batcher.abandon()
+    try:
+        await stopping
+    except DeliveryError as exc:
+        return exc
+    return None
 
 
 async def _next_or_none(chunks: AsyncIterator[Chunk]) -> Chunk | None:

@@ -14,6 +14,9 @@ class Summary:
     acks_accepted: int = 0
     lines_rejected: int = 0
     blank_lines: int = 0
+    acks_journaled: int = 0
+    acks_recovered: int = 0
+    batches_recovered: int = 0
     acks_stored: int = 0
     acks_not_stored: int = 0
     batches: int = 0
@@ -23,6 +26,7 @@ class Summary:
     elapsed_seconds: float = 0.0
     stopped_by: str = "end of input"
     failure: str | None = None
+    spool_dir: str | None = None
 
     @property
     def ratio(self) -> float:
@@ -47,10 +51,17 @@ class Summary:
             f"{self.acks_accepted:,} ACKs accepted, {self.lines_rejected:,} rejected, "
             f"{self.blank_lines:,} blank\n"
             f"poh-batcher: {self.acks_stored:,} ACKs stored in {self.batches:,} batches"
+            + (f" ({self.acks_recovered:,} recovered from the spool)" if self.acks_recovered else "")
             + (f", {self.acks_not_stored:,} NOT stored" if self.acks_not_stored else "")
             + f"; {_size(self.bytes_in)} in, {_size(self.bytes_out)} out (ratio {self.ratio:.2f}); "
             f"{self.retries} retries; {self.elapsed_seconds:.2f} s, {self.rate:,.0f} ACKs/s"
             + (f"\npoh-batcher: error: {self.failure}" if self.failure else "")
+            + (
+                f"\npoh-batcher: {self.acks_not_stored:,} ACKs are kept in the spool {self.spool_dir}; "
+                "the next run with the same destination delivers them"
+                if self.acks_not_stored and self.spool_dir
+                else ""
+            )
         )
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Codec = Literal["zstd", "gzip", "none"]
+_Rfc3339 = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
 class AckItem(BaseModel):
@@ -33,12 +35,12 @@ class AckItem(BaseModel):
     @field_validator("timestamp")
     @classmethod
     def _rfc3339_with_zone(cls, value: str) -> str:
+        # The same rule as the line validator (parsing.py), so that every ACK the
+        # command archives unpacks as an AckItem and every AckItem can be archived.
         try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError(f"timestamp {value!r} is not RFC 3339") from None
-        if "T" not in value.upper() or parsed.tzinfo is None:
-            raise ValueError(f"timestamp {value!r} needs a 'T', and a 'Z' or an offset")
+            msgspec.convert(value, _Rfc3339)
+        except msgspec.ValidationError:
+            raise ValueError(f"timestamp {value!r} is not an RFC 3339 time with a 'Z' or an offset") from None
         return value
 
 
