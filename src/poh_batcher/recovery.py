@@ -11,8 +11,9 @@ the batch takes the next free key instead; nothing is overwritten.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
-from .batcher import pack_lines
+from .batcher import pack_lines, store_batch
 from .clock import Clock
 from .errors import KeyExistsError
 from .naming import KeyNamer, parse_key
@@ -29,33 +30,46 @@ async def redeliver(
     *,
     retry: RetryPolicy,
     clock: Clock,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+    on_stored: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
-    """Store every spooled batch; return (batches, ACKs) delivered."""
+    """Store every spooled batch; return (batches, ACKs) delivered.
+
+    ``on_stored(acks)`` is called after each batch, so a caller that cancels the
+    replay (a shutdown) knows how far it got; ``on_retry`` as in :func:`call_with_retry`.
+    """
     acks = 0
     for batch in batches:
         packed = await asyncio.to_thread(pack_lines, batch.lines, codec=batch.codec, level=batch.level)
         key = batch.key
-        while not await call_with_retry(lambda k=key: _store_once(storage, k, packed), retry, clock):  # type: ignore[misc]
+        while not await _store_with_retry(storage, key, packed, retry, clock, on_retry):
             key = await _next_key(storage, key, packed)
             await spool.record_batch(batch.first, len(batch.lines), key, batch.codec, batch.level)
         spool.record_delivered(batch.first, len(batch.lines), key)
         acks += len(batch.lines)
+        if on_stored is not None:
+            on_stored(len(batch.lines))
     return len(batches), acks
 
 
-async def _store_once(storage: StorageBackend, key: str, packed: PackedBatch) -> bool:
+async def _store_with_retry(
+    storage: StorageBackend,
+    key: str,
+    packed: PackedBatch,
+    retry: RetryPolicy,
+    clock: Clock,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+) -> bool:
     """Store ``packed`` at ``key``: True if it is there now (stored, or stored before the crash)."""
-    try:
-        await storage.save_bytes(
-            key,
-            packed.payload,
-            content_type="application/json",
-            content_encoding=None if packed.header.compression == "none" else packed.header.compression,
-            metadata={"ack-count": str(packed.header.count), "codec": packed.header.compression},
-        )
-    except KeyExistsError:
-        return await storage.load_bytes(key) == packed.payload
-    return True
+
+    async def store_once() -> bool:
+        try:
+            await store_batch(storage, key, packed)
+        except KeyExistsError:
+            return await storage.load_bytes(key) == packed.payload
+        return True
+
+    return await call_with_retry(store_once, retry, clock, on_retry=on_retry)
 
 
 async def _next_key(storage: StorageBackend, taken: str, packed: PackedBatch) -> str:
