@@ -21,14 +21,25 @@ from typing import BinaryIO
 from . import __version__
 from .config import add_operations_options, parse_args
 from .errors import ConfigurationError, PohBatcherError, StorageError
-from .logs import log_rejects, report_summary, setup_logging
+from .logs import log_always, log_rejects, report_summary, setup_logging
 from .naming import validate_writer_id
 from .observer import ArchiveObserver, command_observers
 from .parsing import DEFAULT_MAX_LINE_BYTES, AckCheck, LineValidator, Reject
 from .pipeline import ArchiveSettings, run_archive
 from .retry import RetryPolicy
-from .spool import Recovered, Spool, default_spool_dir
+from .sources.base import Source
 from .sources.lines import LineSource
+from .sources.nats import (
+    DEFAULT_ACK_WAIT,
+    DEFAULT_DURABLE,
+    DEFAULT_STREAM,
+    DEFAULT_SUBJECT,
+    NatsSettings,
+    NatsSource,
+    default_writer_id,
+    is_nats_url,
+)
+from .spool import Recovered, Spool, default_spool_dir
 from .storage import StorageBackend, storage_from_url
 from .summary import Summary
 
@@ -74,6 +85,32 @@ def build_parser() -> argparse.ArgumentParser:
     io = parser.add_argument_group("input and output")
     io.add_argument("-i", "--input", default="-", help="read this file instead of stdin")
     io.add_argument(
+        "--source",
+        default="-",
+        help="where ACKs come from: - (stdin, or -i FILE; the default) or nats://HOST:PORT (a JetStream stream)",
+    )
+    js = parser.add_argument_group("NATS JetStream source (--source nats://HOST:PORT)")
+    js.add_argument("--stream", default=DEFAULT_STREAM, help=f"stream (default {DEFAULT_STREAM}; created if missing)")
+    js.add_argument("--subject", default=DEFAULT_SUBJECT, help=f"subject filter (default '{DEFAULT_SUBJECT}')")
+    js.add_argument(
+        "--durable",
+        default=DEFAULT_DURABLE,
+        help=f"durable consumer shared by every batcher: each message goes to one of them (default {DEFAULT_DURABLE})",
+    )
+    js.add_argument(
+        "--ack-wait",
+        type=_positive_float,
+        default=DEFAULT_ACK_WAIT,
+        metavar="SECONDS",
+        help="a dead batcher's unacknowledged messages go to the others after this long "
+        f"(default {DEFAULT_ACK_WAIT:g})",
+    )
+    js.add_argument(
+        "--until-empty",
+        action="store_true",
+        help="exit once the consumer has nothing waiting and nothing unacknowledged (drain, then stop)",
+    )
+    io.add_argument(
         "-o",
         "--output-dir",
         default=DEFAULT_OUTPUT,
@@ -86,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--writer-id", default=None, help="put this id in every key (several writers, one destination)")
     io.add_argument("--max-in-flight", type=_positive_int, default=4, help="batches stored at once (default 4)")
     io.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    io.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
     validation = parser.add_argument_group("validation")
     validation.add_argument("--rejects", default=None, help="append every invalid line, verbatim, to this file")
     validation.add_argument("--strict", action="store_true", help="stop at the first invalid line (exit status 1)")
@@ -142,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(parser, arguments)  # flag > POH_BATCHER_* environment > --config file > default
     setup_logging(args.log_level, args.log_format, quiet=args.quiet)
     try:
+        if is_nats_url(args.source) and not args.writer_id:
+            args.writer_id = default_writer_id()  # <host>-<pid>: batchers on one destination never collide
         settings = ArchiveSettings(
             batch_size=args.batch_size,
             batch_timeout=args.batch_timeout,
@@ -156,14 +196,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             # With a spool, ACKs wait safely on disk: retry until storage is back or we are stopped.
             retry=RetryPolicy(attempts=None if not args.no_spool else 10, initial_delay=0.2, max_delay=30.0),
         )
-        options = {"endpoint": args.s3_endpoint} if args.s3_endpoint else {}
+        options = {name: value for name, value in (("endpoint", args.s3_endpoint), ("region", args.s3_region)) if value}
         storage = storage_from_url(args.output_dir, **options)
         with ExitStack() as files:
             stream: BinaryIO = sys.stdin.buffer if args.input == "-" else files.enter_context(open(args.input, "rb"))
             rejects_file = files.enter_context(open(args.rejects, "ab")) if args.rejects else None
             observers = command_observers(args, files)
             summary = asyncio.run(
-                _archive(settings, storage, stream, rejects_file, _spool_of(args, storage), observers, _checks_of(args))
+                _archive(
+                    settings,
+                    storage,
+                    stream,
+                    rejects_file,
+                    _spool_of(args, storage),
+                    observers,
+                    _checks_of(args),
+                    _nats_of(args, settings),
+                )
             )
     except (ConfigurationError, ValueError, RuntimeError) as exc:
         return _fail(args, exc, EXIT_USAGE)
@@ -182,12 +231,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _spool_of(args: argparse.Namespace, storage: StorageBackend) -> Spool | None:
-    if args.no_spool:
-        return None
+    if args.no_spool or is_nats_url(args.source):
+        return None  # JetStream keeps every message until it is stored: it is the write-ahead log
     destination = storage.get_url("x").rpartition("/")[0]
     directory = args.spool_dir or default_spool_dir(destination, args.writer_id)
     return Spool(
         directory, destination=destination, writer_id=args.writer_id, fsync_interval=args.spool_fsync_interval
+    )
+
+
+def _nats_of(args: argparse.Namespace, settings: ArchiveSettings) -> NatsSettings | None:
+    if args.source == "-":
+        return None
+    if not is_nats_url(args.source):
+        raise ConfigurationError(f"--source {args.source!r}: use - (stdin or -i FILE) or nats://HOST:PORT")
+    if args.input != "-":
+        raise ConfigurationError("--input and a nats:// --source exclude each other")
+    return NatsSettings(
+        args.source,
+        stream=args.stream,
+        subject=args.subject,
+        durable=args.durable,
+        ack_wait=args.ack_wait,
+        fetch_size=settings.batch_size,
+        until_empty=args.until_empty,
+        client_name=f"poh-batcher {settings.writer_id}",
     )
 
 
@@ -199,6 +267,7 @@ async def _archive(
     spool: Spool | None,
     observers: Sequence[ArchiveObserver] = (),
     checks: Sequence[AckCheck] = (),
+    nats: NatsSettings | None = None,
 ) -> Summary:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
@@ -210,18 +279,25 @@ async def _archive(
         if recovered.input_offset:
             await asyncio.to_thread(_seek_input, stream, recovered.input_offset)
     validator = LineValidator(settings.max_line_bytes, checks=checks)
-    source = LineSource(
-        stream,
-        validator,
-        strict=settings.strict,
-        start_offset=recovered.input_offset,
-        first_line=recovered.input_line,
-    )
+    source: Source
+    if nats is not None:
+        source = nats_source = NatsSource(nats, validator)
+    else:
+        nats_source = None
+        source = LineSource(
+            stream,
+            validator,
+            strict=settings.strict,
+            start_offset=recovered.input_offset,
+            first_line=recovered.input_line,
+        )
 
     async def report(rejects: list[Reject]) -> None:
         await asyncio.to_thread(_write_rejects, rejects, rejects_file)
 
     try:
+        if nats_source is not None:
+            await nats_source.open()
         summary = await run_archive(
             settings,
             source,
@@ -236,6 +312,9 @@ async def _archive(
         if spool is not None:
             await spool.close()
         await storage.close()
+        if nats_source is not None:  # after the last batches are stored: their acks go out here
+            await nats_source.aclose()
+            log_always(nats_source.stats.render())
     if spool is not None:
         summary.spool_dir = str(spool.directory)
     return summary

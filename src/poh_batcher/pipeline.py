@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -15,16 +17,19 @@ from typing import Any, TypeVar
 from .batcher import AsyncBatcher, BatchPlan, BatchReceipt
 from .clock import Clock, SystemClock
 from .errors import DeliveryError
+from .ingest_checks import DUPLICATE_REASON
 from .observer import ArchiveObserver, Observers
 from .parsing import DEFAULT_MAX_LINE_BYTES, Reject
 from .recovery import redeliver
 from .retry import RetryPolicy
 from .sources.base import Chunk, Source
-from .spool import Recovered, Spool
+from .spool import Recovered, Spool, SpoolFullError
 from .storage.base import StorageBackend
 from .summary import Summary
 
 T = TypeVar("T")
+_log = logging.getLogger("poh_batcher")
+SPOOL_FULL_WARNING_INTERVAL = 30.0
 RejectReporter = Callable[[list[Reject]], Awaitable[None]]
 
 
@@ -76,21 +81,46 @@ async def run_archive(
     summary = Summary()
     started = clock.monotonic()
     recovered = recovered or Recovered()
+    replayed = [0, 0]  # batches and ACKs of the spool stored again so far
+    spool_full_warned = [-SPOOL_FULL_WARNING_INTERVAL]  # when a full spool disk was last reported
+
+    def replayed_one(acks: int) -> None:
+        replayed[0] += 1
+        replayed[1] += acks
+
     if spool is not None and recovered.batches:
-        summary.batches_recovered, summary.acks_recovered = await redeliver(
-            recovered.batches, storage, spool, retry=settings.retry, clock=clock
+        # Like any upload, the replay honours a stop: it gets --shutdown-timeout, then stays in the spool.
+        await _within_shutdown_timeout(
+            redeliver(
+                recovered.batches,
+                storage,
+                spool,
+                retry=settings.retry,
+                clock=clock,
+                on_retry=observer.on_retry if observer else None,
+                on_stored=replayed_one,
+            ),
+            stop,
+            settings.shutdown_timeout,
         )
-    summary.acks_recovered += len(recovered.unbatched)
+    summary.batches_recovered = replayed[0]
+    summary.acks_recovered = recovered.acks
 
     def delivered(receipt: BatchReceipt) -> None:
         if spool is not None:
             spool.record_delivered(receipt.first, receipt.count, receipt.key)
+            observer.on_spool(spool.bytes_on_disk)
         observer.on_delivered(receipt)
 
     async def plan(batch: BatchPlan) -> None:
         assert spool is not None
         assert batch.key is not None
-        await spool.record_batch(batch.first, batch.count, batch.key, batch.codec, batch.level)
+        await _while_spool_full(
+            lambda: spool.record_batch(batch.first, batch.count, batch.key or "", batch.codec, batch.level),
+            clock,
+            None,
+            spool_full_warned,
+        )
 
     batcher = AsyncBatcher(
         settings.batch_size,
@@ -109,7 +139,7 @@ async def run_archive(
         on_retry=observer.on_retry if observer else None,
     )
     observer.on_start(batcher, summary)
-    if recovered.unbatched:
+    if recovered.unbatched and not stop.is_set():
         await batcher.enqueue_lines(recovered.unbatched)
     accepted_before = batcher.stats.acks_enqueued
     next_line = recovered.input_line
@@ -126,9 +156,20 @@ async def run_archive(
             observer.on_chunk(chunk)
             next_line += chunk.lines
             if spool is not None and (chunk.acks or chunk.end_offset is not None):
-                await spool.append(chunk.acks, input_offset=chunk.end_offset, next_line=next_line)
+                # A full spool disk pauses the input (retried with back-off), it does not end the run.
+                journaled = await _while_spool_full(
+                    functools.partial(spool.append, chunk.acks, input_offset=chunk.end_offset, next_line=next_line),
+                    clock,
+                    stop,
+                    spool_full_warned,
+                )
+                if not journaled:  # stopped while the disk was full: this chunk was never accepted
+                    summary.stopped_by = "interrupted"
+                    break
                 summary.acks_journaled += len(chunk.acks)
+                observer.on_spool(spool.bytes_on_disk)
             summary.lines_rejected += len(chunk.rejects)
+            summary.duplicates_dropped += sum(r.reason.startswith(DUPLICATE_REASON) for r in chunk.rejects)
             summary.blank_lines += chunk.blank
             if chunk.rejects:
                 await report_rejects(chunk.rejects)
@@ -155,7 +196,7 @@ async def run_archive(
         stats = batcher.stats
         summary.acks_accepted = max(summary.acks_journaled, stats.acks_enqueued - accepted_before)
         summary.lines_read = summary.acks_accepted + summary.lines_rejected + summary.blank_lines
-        summary.acks_stored = stats.acks_delivered + summary.acks_recovered - len(recovered.unbatched)
+        summary.acks_stored = stats.acks_delivered + replayed[1]
         summary.acks_not_stored = summary.acks_accepted + summary.acks_recovered - summary.acks_stored
         summary.batches = stats.batches_delivered + summary.batches_recovered
         summary.bytes_in = stats.raw_bytes
@@ -183,6 +224,52 @@ async def _drain(batcher: AsyncBatcher, stop: asyncio.Event, shutdown_timeout: f
     except DeliveryError as exc:
         return exc
     return None
+
+
+async def _while_spool_full(
+    write: Callable[[], Awaitable[None]], clock: Clock, stop: asyncio.Event | None, warned: list[float]
+) -> bool:
+    """Run a spool write, retrying with back-off while its disk is full; False if stopped first.
+
+    A failed write leaves nothing in the journal, so trying it again cannot journal it twice.
+    ``warned[0]`` is when this was last reported (once per ``SPOOL_FULL_WARNING_INTERVAL``).
+    """
+    delay = 0.1
+    while True:
+        try:
+            await write()
+            return True
+        except SpoolFullError as exc:
+            if clock.monotonic() - warned[0] >= SPOOL_FULL_WARNING_INTERVAL:
+                warned[0] = clock.monotonic()
+                _log.warning("%s; input paused, retrying until there is room", exc, extra={"cause": "spool full"})
+        try:
+            await _unless_stopped(clock.sleep(delay), stop) if stop is not None else await clock.sleep(delay)
+        except _Stopped:
+            return False
+        delay = min(delay * 2, 5.0)
+
+
+async def _within_shutdown_timeout(work: Awaitable[T], stop: asyncio.Event, shutdown_timeout: float) -> bool:
+    """Await ``work``; once ``stop`` fires, for ``shutdown_timeout`` more at most, then cancel it.
+
+    True if it finished; its exception, if any, propagates.
+    """
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if not task.done():
+        await asyncio.wait({task}, timeout=shutdown_timeout)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()
+    return True
 
 
 async def _next_or_none(chunks: AsyncIterator[Chunk]) -> Chunk | None:

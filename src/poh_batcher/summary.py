@@ -13,6 +13,8 @@ class Summary:
     lines_read: int = 0
     acks_accepted: int = 0
     lines_rejected: int = 0
+    duplicates_dropped: int = 0
+    """Of ``lines_rejected``, the ACKs dropped by ``--dedupe`` (reason ``duplicate id …``)."""
     blank_lines: int = 0
     acks_journaled: int = 0
     acks_recovered: int = 0
@@ -48,8 +50,9 @@ class Summary:
         """Human-readable lines for stderr."""
         return (
             f"poh-batcher: {self.stopped_by}: {self.lines_read:,} lines read, "
-            f"{self.acks_accepted:,} ACKs accepted, {self.lines_rejected:,} rejected, "
-            f"{self.blank_lines:,} blank\n"
+            f"{self.acks_accepted:,} ACKs accepted, {self.lines_rejected:,} rejected"
+            + (f" ({self.duplicates_dropped:,} duplicates dropped by --dedupe)" if self.duplicates_dropped else "")
+            + f", {self.blank_lines:,} blank\n"
             f"poh-batcher: {self.acks_stored:,} ACKs stored in {self.batches:,} batches"
             + (f" ({self.acks_recovered:,} recovered from the spool)" if self.acks_recovered else "")
             + (f", {self.acks_not_stored:,} NOT stored" if self.acks_not_stored else "")
