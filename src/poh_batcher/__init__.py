@@ -14,6 +14,7 @@ from .errors import (
     PohBatcherError,
     StorageError,
 )
+from .reader import ArchiveReader, Batch, BatchError, BatchRef, iter_acks, iter_batches
 from .retry import RetryPolicy
 from .storage import LocalStorage, StorageBackend, storage_from_url
 from .types import AckItem, AckRequest, BatchHeader, PackedBatch
@@ -26,9 +27,13 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "AckItem",
     "AckRequest",
+    "ArchiveReader",
     "AsyncBatcher",
+    "Batch",
+    "BatchError",
     "BatchHeader",
     "BatchReceipt",
+    "BatchRef",
     "Batcher",
     "ConfigurationError",
     "DeliveryError",
@@ -43,6 +48,8 @@ __all__ = [
     "__version__",
     "compress",
     "decompress",
+    "iter_acks",
+    "iter_batches",
     "pack_acks",
     "storage_from_url",
     "unpack_batch",

@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import BinaryIO
 
-from ..parsing import LineValidator, Reject
+from ..parsing import LineValidator, Reject, ValidatedBlock
 from .base import Chunk
 
 HandOver = Callable[[Chunk | None], None]
@@ -121,8 +121,10 @@ class LineSource:
         if self._strict and block.rejects:
             bad = block.rejects[0]
             head = lines[: bad.line - first]
-            block = self._validator.validate_block(head, first)
-            block.rejects.append(bad)
+            # Keep the head's results rather than validating it again: the extra checks
+            # must see each ACK once (a second pass would find every id already --dedupe'd).
+            blank = sum(1 for line in head if not line.strip())
+            block = ValidatedBlock(acks=block.acks[: len(head) - blank], rejects=[bad], blank=blank)
             lines = lines[: len(head) + 1]
             consumed = sum(map(len, lines)) + len(lines)
         self._line += len(lines)
