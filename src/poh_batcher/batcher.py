@@ -26,6 +26,7 @@ from .naming import KeyNamer
 from .parsing import LineValidator
 from .retry import RetryPolicy, call_with_retry
 from .storage import StorageBackend, storage_from_url
+from .storage.local import LocalStorage
 from .types import AckItem, BatchHeader, Codec, PackedBatch
 
 Ack: TypeAlias = AckItem | Mapping[str, Any] | bytes | str
@@ -85,7 +86,19 @@ class BatcherStats:
 
 
 class _OpenBatch:
-    __slots__ = ("delivered", "first", "index", "lines", "opened_at", "raw_bytes", "settled")
+    __slots__ = (
+        "after",
+        "delivered",
+        "first",
+        "handed",
+        "index",
+        "lines",
+        "opened_at",
+        "plan_after",
+        "planned",
+        "raw_bytes",
+        "settled",
+    )
 
     def __init__(self, index: int, opened_at: float, loop: asyncio.AbstractEventLoop) -> None:
         self.index = index
@@ -98,6 +111,19 @@ class _OpenBatch:
         # failures still reach stop() and every awaiting caller.
         self.delivered.add_done_callback(_swallow)
         self.settled: asyncio.Future[None] = loop.create_future()
+        # Set once the batch has been handed to the sink; the next batch waits for it, so
+        # the sink sees batches in order even when a later one is packed first.
+        self.handed: asyncio.Future[None] = loop.create_future()
+        self.after: asyncio.Future[None] | None = None
+        # Set once the batch's plan has been handed to ``before_store``: plans are submitted
+        # in batch order, so a journal that syncs them together keeps them in order.
+        self.planned: asyncio.Future[None] = loop.create_future()
+        self.plan_after: asyncio.Future[None] | None = None
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _swallow(future: asyncio.Future[Any]) -> None:
@@ -166,6 +192,11 @@ class AsyncBatcher:
         self._namer: KeyNamer | None = None
         if isinstance(sink, str):
             sink = storage_from_url(sink)
+        # A stock LocalStorage is written from the packing thread (its blocking write_durably);
+        # a subclass that overrides save_bytes (fault injection, metrics) goes through save_bytes.
+        self._local: LocalStorage | None = None
+        if isinstance(sink, LocalStorage) and type(sink).save_bytes is LocalStorage.save_bytes:
+            self._local = sink
         if isinstance(sink, StorageBackend):
             self._storage = sink
             self._namer = KeyNamer(sink, self.codec, prefix=prefix, writer_id=writer_id)
@@ -179,6 +210,8 @@ class AsyncBatcher:
         self._current: _OpenBatch | None = None
         self._timer: asyncio.Task[None] | None = None
         self._last_settled: asyncio.Future[None] | None = None
+        self._last_handed: asyncio.Future[None] | None = None
+        self._last_planned: asyncio.Future[None] | None = None
         self._shipping: set[asyncio.Task[None]] = set()
         self._unsettled: list[_OpenBatch] = []  # sealed, not yet delivered or failed, in order
         self._failures: list[BaseException] = []
@@ -210,6 +243,7 @@ class AsyncBatcher:
             _, pending = await asyncio.wait(set(self._shipping), timeout=remaining)
             if pending and deadline is not None and self._clock.monotonic() >= deadline:
                 self._abandon(pending)
+            self._seal()  # ACKs of an enqueue() that was waiting for room when stop() began
         self._state = "stopped"
         if self._failures:
             first = self._failures[0]
@@ -347,7 +381,7 @@ class AsyncBatcher:
 
     async def _flush_when_due(self, batch: _OpenBatch) -> None:
         """Flush ``batch`` ``timeout`` seconds after its first ACK, if still open."""
-        await self._clock.sleep(self.timeout)
+        await self._clock.sleep(batch.opened_at + self.timeout - self._clock.monotonic())
         if self._current is batch:
             self._timer = None  # do not cancel ourselves in _seal
             self._seal()
@@ -363,6 +397,8 @@ class AsyncBatcher:
             self._timer.cancel()
             self._timer = None
         previous, self._last_settled = self._last_settled, batch.settled
+        batch.after, self._last_handed = self._last_handed, batch.handed
+        batch.plan_after, self._last_planned = self._last_planned, batch.planned
         self.stats.batches_in_flight += 1
         self._unsettled.append(batch)
         task = asyncio.get_running_loop().create_task(self._ship(batch, previous))
@@ -388,6 +424,9 @@ class AsyncBatcher:
             receipt = await self._store(batch)
         except Exception as exc:
             error = exc
+        finally:
+            _set_once(batch.planned)
+            _set_once(batch.handed)
         if previous is not None:
             await previous  # deliver in batch order, whatever finished first
         count = len(batch.lines)
@@ -426,18 +465,32 @@ class AsyncBatcher:
                 self._on_retry(attempt, exc, delay)
 
         async with self._slots:
-            packed = await asyncio.to_thread(self._pack, batch.lines)
+            # Local disk: pack and write in one worker call (one thread hop per batch).
+            local = self._local
+            packed = None if local is not None else await asyncio.to_thread(self._pack, batch.lines)
             started = self._clock.monotonic()
-            for _ in range(_MAX_KEY_CONFLICTS):
+            for conflicts in range(_MAX_KEY_CONFLICTS):
                 if self._before_store is not None:
                     plan = BatchPlan(batch.index, batch.first, len(batch.lines), key, self.codec, self.level)
-                    await self._before_store(plan)
+                    if conflicts == 0 and batch.plan_after is not None:
+                        await batch.plan_after  # submit plans in batch order...
+                    planning = asyncio.ensure_future(self._before_store(plan))
+                    _set_once(batch.planned)
+                    await planning  # ...and let the plans of batches in flight become durable together
+                if batch.after is not None:
+                    await batch.after  # the previous batch reaches the sink first
 
                 async def attempt(key: str | None = key) -> None:
-                    nonlocal attempts
+                    nonlocal attempts, packed
                     attempts += 1
                     self.stats.upload_attempts += 1
-                    await self._deliver(packed, key)
+                    _set_once(batch.handed)
+                    if local is not None:
+                        assert key is not None
+                        packed = await asyncio.to_thread(self._pack_and_write, local, batch.lines, packed, key)
+                    else:
+                        assert packed is not None
+                        await self._deliver(packed, key)
 
                 try:
                     await call_with_retry(attempt, self.retry, self._clock, on_retry=count_retry)
@@ -448,6 +501,7 @@ class AsyncBatcher:
                         key, _ = await self._namer.next_key(self._clock.utcnow())
             else:
                 raise DeliveryError(f"gave up after {_MAX_KEY_CONFLICTS} taken keys")
+        assert packed is not None
         return BatchReceipt(
             index=batch.index,
             first=batch.first,
@@ -464,6 +518,15 @@ class AsyncBatcher:
     def _pack(self, lines: list[bytes]) -> PackedBatch:
         return pack_lines(lines, codec=self.codec, level=self.level)
 
+    def _pack_and_write(
+        self, storage: LocalStorage, lines: list[bytes], packed: PackedBatch | None, key: str
+    ) -> PackedBatch:
+        """On a worker thread: pack (unless a failed attempt already did) and store durably."""
+        if packed is None:
+            packed = self._pack(lines)
+        storage.write_durably(key, packed.payload)
+        return packed
+
     async def _deliver(self, packed: PackedBatch, key: str | None) -> None:
         if self._sink is not None:
             result = self._sink(packed)
@@ -472,13 +535,7 @@ class AsyncBatcher:
             return
         assert self._storage is not None
         assert key is not None
-        await self._storage.save_bytes(
-            key,
-            packed.payload,
-            content_type="application/json",
-            content_encoding=None if packed.header.compression == "none" else packed.header.compression,
-            metadata={"ack-count": str(packed.header.count), "codec": packed.header.compression},
-        )
+        await store_batch(self._storage, key, packed)
 
     # -- converting ----------------------------------------------------------
 
@@ -497,6 +554,18 @@ class AsyncBatcher:
 
 Batcher = AsyncBatcher
 """Backward-compatible name of :class:`AsyncBatcher`."""
+
+
+async def store_batch(storage: StorageBackend, key: str, packed: PackedBatch) -> None:
+    """Store a packed batch with the content type, encoding and metadata readers rely on."""
+    codec = packed.header.compression
+    await storage.save_bytes(
+        key,
+        packed.payload,
+        content_type="application/json",
+        content_encoding=None if codec == "none" else codec,
+        metadata={"ack-count": str(packed.header.count), "codec": codec},
+    )
 
 
 def pack_lines(lines: list[bytes], *, codec: str = "auto", level: int = 3) -> PackedBatch:
@@ -525,7 +594,7 @@ def ack_to_line(ack: Ack, validator: LineValidator, index: int | None = None) ->
             return validator.validate_line(_encoder.encode(ack))
     except InvalidAckError as exc:
         raise InvalidAckError(exc.reason, index) from None
-    except (TypeError, msgspec.EncodeError) as exc:
+    except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:  # e.g. a lone surrogate
         raise InvalidAckError(f"cannot encode ACK as JSON: {exc}", index) from None
     raise InvalidAckError(f"an ACK must be an AckItem, a mapping or a JSON line, not {type(ack).__name__}", index)
 

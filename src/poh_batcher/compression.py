@@ -66,8 +66,19 @@ def decompress(codec: str, data: bytes) -> bytes:
         if _zstd is None:
             raise RuntimeError("codec 'zstd' needs the 'zstandard' package: pip install zstandard")
         # decompressobj copes with frames that do not record their content size
-        # (as written by streaming tools), unlike ZstdDecompressor.decompress.
-        return _zstd.ZstdDecompressor().decompressobj().decompress(data)
+        # (as written by streaming tools), unlike ZstdDecompressor.decompress. It
+        # stops at the end of one frame and says nothing about a cut-off frame:
+        # check both, like gzip.decompress (concatenated frames, EOFError).
+        chunks: list[bytes] = []
+        rest = bytes(data)
+        while True:
+            frame = _zstd.ZstdDecompressor().decompressobj()
+            chunks.append(frame.decompress(rest))
+            if not frame.eof:
+                raise EOFError("zstd data is truncated: the frame ends before its end mark")
+            rest = frame.unused_data
+            if not rest:
+                return b"".join(chunks)
     if codec == "gzip":
         return gzip.decompress(data)
     if codec == "none":

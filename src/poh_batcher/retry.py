@@ -60,7 +60,6 @@ async def call_with_retry(
     on_retry: Callable[[int, BaseException, float], None] | None = None,
 ) -> T:
     """Run ``operation`` until it succeeds, fails permanently, or attempts run out."""
-    rng = rng or random.Random()
     attempt = 1
     while True:
         try:
@@ -68,6 +67,8 @@ async def call_with_retry(
         except Exception as exc:
             if not is_retryable(exc) or (policy.attempts is not None and attempt >= policy.attempts):
                 raise
+            if rng is None:
+                rng = random.Random()  # only on a retry: seeding costs more than a whole fast store
             delay = policy.delay(attempt, rng)
             if on_retry is not None:
                 on_retry(attempt, exc, delay)

@@ -62,6 +62,9 @@ class LocalStorage(StorageBackend):
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
+            except BaseException:
+                os.unlink(temp)  # a partial temp file must not pile up (disk full, retried)
+                raise
             finally:
                 os.close(fd)
             try:
