@@ -14,9 +14,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import ExitStack
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from . import __version__
 from .config import add_operations_options, parse_args
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io.add_argument("--level", type=int, default=3, help="compression level (default 3)")
     io.add_argument("--writer-id", default=None, help="put this id in every key (several writers, one destination)")
-    io.add_argument("--max-in-flight", type=_positive_int, default=4, help="batches stored at once (default 4)")
+    io.add_argument("--max-in-flight", type=_positive_int, default=8, help="batches stored at once (default 8)")
     io.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     io.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
     validation = parser.add_argument_group("validation")
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream: BinaryIO = sys.stdin.buffer if args.input == "-" else files.enter_context(open(args.input, "rb"))
             rejects_file = files.enter_context(open(args.rejects, "ab")) if args.rejects else None
             observers = command_observers(args, files)
-            summary = asyncio.run(
+            summary = _run_settled(
                 _archive(
                     settings,
                     storage,
@@ -318,6 +319,21 @@ async def _archive(
     if spool is not None:
         summary.spool_dir = str(spool.directory)
     return summary
+
+
+def _run_settled(job: Coroutine[Any, Any, Summary]) -> Summary:
+    """``asyncio.run(job)``, then a short pause before the interpreter may shut down.
+
+    The S3 client (obstore) finishes an aborted request on its own threads and
+    then calls back into Python; a callback that lands while the interpreter is
+    finalizing kills that thread and aborts the whole process (status 134
+    instead of 3 or 4, seen after a failed preflight against a refused port).
+    Letting those callbacks arrive first costs 50 ms at exit.
+    """
+    try:
+        return asyncio.run(job)
+    finally:
+        time.sleep(0.05)
 
 
 def _checks_of(args: argparse.Namespace) -> list[AckCheck]:
