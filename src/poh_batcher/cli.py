@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     safety.add_argument(
         "--spool-dir",
         default=None,
-        help="write-ahead spool folder (default: $XDG_STATE_HOME/poh-batcher/spool/<hash of destination and writer id>)",
+        help="write-ahead spool folder (default: $XDG_STATE_HOME/poh-batcher/spool/<hash of destination, writer id>)",
     )
     safety.add_argument("--no-spool", action="store_true", help="no spool: a crash loses the ACKs not yet stored")
     safety.add_argument(
@@ -200,7 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = {name: value for name, value in (("endpoint", args.s3_endpoint), ("region", args.s3_region)) if value}
         storage = storage_from_url(args.output_dir, **options)
         with ExitStack() as files:
-            stream: BinaryIO = sys.stdin.buffer if args.input == "-" else files.enter_context(open(args.input, "rb"))
+            stream: BinaryIO = (
+                sys.stdin.buffer if args.input == "-" else files.enter_context(open(os.path.abspath(args.input), "rb"))
+            )
             rejects_file = files.enter_context(open(args.rejects, "ab")) if args.rejects else None
             observers = command_observers(args, files)
             summary = _run_settled(
@@ -275,7 +277,7 @@ async def _archive(
     await storage.preflight()
     recovered = Recovered()
     if spool is not None:
-        input_name = None if stream is sys.stdin.buffer else os.path.abspath(stream.name)
+        input_name = None if stream is sys.stdin.buffer else str(stream.name)
         recovered = await asyncio.to_thread(spool.open, input_name)
         if recovered.input_offset:
             await asyncio.to_thread(_seek_input, stream, recovered.input_offset)

@@ -43,7 +43,7 @@ class ArchiveSettings:
     codec: str = "auto"
     level: int = 3
     writer_id: str | None = None
-    max_in_flight: int = 4
+    max_in_flight: int = 8  # fsync latency, not CPU, bounds a batch: overlap several
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     strict: bool = False
     shutdown_timeout: float = 30.0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -61,6 +62,10 @@ def default_spool_dir(destination: str, writer_id: str | None) -> Path:
 
 class SpoolError(PohBatcherError):
     """The spool cannot be used: locked by another process, corrupt, or unwritable."""
+
+
+class SpoolFullError(SpoolError):
+    """A record could not be written for lack of space; nothing of it was kept, so it may be retried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +143,7 @@ class Spool:
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._delivered_to = 0
+        self._done: dict[int, int] = {}  # delivered batches not yet contiguous with _delivered_to
         self._meta: dict[str, Any] = {}
         self._error: BaseException | None = None
         self._last_input = (0, 1)
@@ -155,14 +161,24 @@ class Spool:
             self._meta = self._read_meta()
             self._input_name = input_name
             recovered = self._recover(input_name)
-        except OSError as exc:
-            raise SpoolError(f"cannot use spool {self.directory}: {exc.strerror or exc}") from exc
-        self._input_name = input_name
-        self._save_meta()
-        self._open_active(recovered.next_index)
+            self._save_meta()
+            self._open_active(recovered.next_index)
+        except BaseException as exc:
+            self._release()  # a spool that failed to open must not stay locked
+            if isinstance(exc, OSError):
+                raise SpoolError(f"cannot use spool {self.directory}: {exc.strerror or exc}") from exc
+            raise
         self._thread = threading.Thread(target=self._run, name="poh-spool", daemon=True)
         self._thread.start()
         return recovered
+
+    def _release(self) -> None:
+        for name in ("_fd", "_lock_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, None)
 
     def _lock(self) -> None:
         fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
@@ -209,7 +225,7 @@ class Spool:
         recovered = Recovered()
         acks: list[bytes] = []
         plans: dict[int, tuple[int, str, str, int]] = {}
-        delivered_to = 0
+        done_ranges: dict[int, int] = {}
         last_input: tuple[int, int] | None = None
         paths = sorted(self.directory.glob("seg-*.wal"), key=lambda p: int(p.stem[4:]))
         base = int(paths[0].stem[4:]) if paths else 0
@@ -232,10 +248,15 @@ class Spool:
                     plans[plan["first"]] = (plan["count"], plan["key"], plan["codec"], plan["level"])
                 elif kind == _DELIVERED:
                     done = json.loads(payload)
-                    delivered_to = max(delivered_to, done["first"] + done["count"])
+                    end = done["first"] + done["count"]
+                    done_ranges[done["first"]] = max(done_ranges.get(done["first"], 0), end)
             self._segments.append(_Segment(path, start, base + len(acks)))
         recovered.next_index = base + len(acks)
-        cursor = self._delivered_to = max(base, delivered_to)
+        # Everything before the oldest segment was delivered; after it, only what the
+        # delivery notes cover without a gap (a failed batch stays, even if later ones made it).
+        self._delivered_to, self._done = base, done_ranges
+        self._advance_delivered()
+        cursor = self._delivered_to
         while cursor in plans and cursor + plans[cursor][0] <= recovered.next_index:
             count, key, codec, level = plans[cursor]
             lines = acks[cursor - base : cursor + count - base]
@@ -256,16 +277,23 @@ class Spool:
     def _open_active(self, next_index: int) -> None:
         path = self.directory / f"seg-{next_index:016d}.wal"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+        size = os.fstat(fd).st_size
+        try:
+            if size == 0 and self._input_name is not None:
+                # Carry the input position into the new segment: older ones may be deleted.
+                offset, line = self._last_input
+                _write_fully(fd, _record(_ACKS, _ACKS_HEADER.pack(offset, line)))
+            _fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            if size == 0:  # a half-made new segment would break the chain of segments: remove it
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
         self._fd = fd
         self._size = os.fstat(fd).st_size
         if not self._segments or self._segments[-1].path != path:
             self._segments.append(_Segment(path, next_index, next_index))
-        if self._size == 0 and self._input_name is not None:
-            # Carry the input position into the new segment: older ones may be deleted.
-            offset, line = self._last_input
-            _write_fully(fd, _record(_ACKS, _ACKS_HEADER.pack(offset, line)))
-            self._size = os.fstat(fd).st_size
-        _fsync_dir(self.directory)
 
     # -- writing (event loop side) -------------------------------------------
 
@@ -302,15 +330,18 @@ class Spool:
             self._queue.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-        if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-        self._save_meta()  # the input position survives the deletion of the last segment
-        self._remove_delivered_segments(include_active=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        try:
+            if self._fd is not None:
+                os.fsync(self._fd)
+            self._save_meta()  # the input position survives the deletion of the last segment
+        except OSError as exc:
+            self._release()
+            raise SpoolError(
+                f"cannot close spool {self.directory}: {exc.strerror or exc}; the ACKs it holds are kept"
+            ) from exc
+        if self._error is None:
+            self._remove_delivered_segments(include_active=True)
+        self._release()
 
     @property
     def pending_segments(self) -> list[Path]:
@@ -328,7 +359,8 @@ class Spool:
                 first = self._queue.get(timeout=timeout)
             except queue.Empty:
                 first = None
-                self._sync_now()
+                with contextlib.suppress(SpoolError):  # recorded in self._error; later submits fail
+                    self._sync_now()
                 last_sync = time.monotonic()
                 continue
             batch: list[_Write] = []
@@ -342,31 +374,42 @@ class Spool:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            error: BaseException | None = None
             try:
-                self._write_all(batch)
+                written, error = self._write_all(batch)
                 due = self._fsync_interval > 0 and time.monotonic() - last_sync >= self._fsync_interval
-                if any(write.sync for write in batch) or due or stop:
+                if written and (any(write.sync for write in batch[:written]) or due or stop):
                     self._sync_now()
                     last_sync = time.monotonic()
-            except OSError as exc:
-                error = exc
-            for write in batch:
-                write.done(error)
+            except SpoolError as exc:  # an fsync failed: nothing since the last one is known durable
+                written, error = 0, exc
+            # Writes before a failed one are in the journal: they must not be reported as failed,
+            # or a retry would journal (and deliver) their ACKs twice.
+            for position, write in enumerate(batch):
+                write.done(error if position >= written else None)
 
-    def _write_all(self, writes: list[_Write]) -> None:
+    def _write_all(self, writes: list[_Write]) -> tuple[int, SpoolError | None]:
+        """Append ``writes`` in order: how many were written, and why the next one was not."""
         assert self._fd is not None
-        for write in writes:
-            if write.record[:1] == _DELIVERED:
-                self._note_delivered(write.record)
+        delivered = False
+        for position, write in enumerate(writes):
             before = self._size
             try:
                 _write_fully(self._fd, write.record)
-            except OSError:
+            except OSError as exc:
                 # Leave no torn record behind a later good one (a full disk may recover).
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, before)
-                raise
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                if full and self._segments[-1].end <= self._delivered_to:
+                    # The active segment holds only delivered ACKs: start a new one so that it can
+                    # be deleted, or the space it takes is never given back while the disk is full.
+                    with contextlib.suppress(SpoolError):
+                        self._rotate()
+                kind = SpoolFullError if full else SpoolError
+                return position, kind(f"cannot write to spool {self.directory}: {exc.strerror or exc}")
+            if write.record[:1] == _DELIVERED:
+                self._note_delivered(write.record)
+                delivered = True
             self._size += len(write.record)
             self.bytes_on_disk += len(write.record)
             self._segments[-1].end += write.acks
@@ -374,13 +417,27 @@ class Spool:
                 offset, line = _ACKS_HEADER.unpack_from(write.record, _HEADER.size)
                 if offset >= 0:
                     self._last_input = (offset, line)
+        if delivered and any(segment.end <= self._delivered_to for segment in self._segments[:-1]):
+            # The delivery note must be durable before the ACKs it covers are deleted.
+            self._sync_now()
+            self._remove_delivered_segments(include_active=False)
         if self._size >= self._segment_bytes:
             self._rotate()
+        return len(writes), None
 
     def _note_delivered(self, record: bytes) -> None:
         done = json.loads(record[_HEADER.size :])
-        self._delivered_to = max(self._delivered_to, done["first"] + done["count"])
-        self._remove_delivered_segments(include_active=False)
+        end = done["first"] + done["count"]
+        self._done[done["first"]] = max(self._done.get(done["first"], 0), end)
+        self._advance_delivered()
+
+    def _advance_delivered(self) -> None:
+        """Move ``_delivered_to`` over every delivered batch that follows it without a gap."""
+        while self._done:
+            first = min(self._done)
+            if first > self._delivered_to:
+                break
+            self._delivered_to = max(self._delivered_to, self._done.pop(first))
 
     def _remove_delivered_segments(self, *, include_active: bool) -> None:
         keep: list[_Segment] = []
@@ -395,16 +452,27 @@ class Spool:
         self._segments = keep
 
     def _rotate(self) -> None:
-        assert self._fd is not None
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        self._open_active(self._segments[-1].end)
+        old = self._fd
+        assert old is not None
+        self._sync_now()
+        try:
+            self._open_active(self._segments[-1].end)
+        except OSError:
+            self._fd = old  # no room for a new segment: keep appending to this one, rotate later
+            return
+        os.close(old)
         self._remove_delivered_segments(include_active=False)
 
     def _sync_now(self) -> None:
-        if self._fd is not None:
+        """fsync the active segment; a failure makes the spool unusable (``SpoolError``)."""
+        if self._fd is None:
+            return
+        try:
             os.fdatasync(self._fd)
+        except OSError as exc:
+            # After a failed fsync the kernel may have dropped the dirty pages: trust nothing more.
+            self._error = SpoolError(f"cannot sync spool {self.directory}: {exc.strerror or exc}")
+            raise self._error from exc
 
 
 

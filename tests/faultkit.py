@@ -1,0 +1,143 @@
+"""Helpers of the fault-injection tests: generated input, the CLI as a real process, archive audits."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from poh_batcher.compression import decompress
+from poh_batcher.naming import parse_key
+
+POH = [sys.executable, "-m", "poh_batcher.cli"]
+
+
+def ack_line(i: int, *, prefix: str = "ack") -> bytes:
+    return (
+        b'{"id":"%s-%07d","timestamp":"2025-01-01T00:00:00Z","signature":"sig%d","pubkey":"pk%d"}'
+        % (prefix.encode(), i, i, i % 97)
+    )
+
+
+def write_acks(path: Path, count: int, *, prefix: str = "ack") -> list[str]:
+    """A JSON Lines file of ``count`` valid ACKs; their ids."""
+    with open(path, "wb") as handle:
+        handle.write(b"".join(ack_line(i, prefix=prefix) + b"\n" for i in range(count)))
+    return [f"{prefix}-{i:07d}" for i in range(count)]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POH_BATCHER_", "AWS_"))}
+    env.update(extra)
+    return env
+
+
+def run(
+    args: Iterable[str], *, env: Mapping[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*POH, *args], capture_output=True, text=True, env=dict(env or child_env()), timeout=timeout, check=False
+    )
+
+
+def ids_of_payload(key: str, payload: bytes) -> list[str]:
+    parsed = parse_key(key)
+    assert parsed is not None, f"unexpected object {key!r} in the archive"
+    items = json.loads(decompress(parsed.codec, payload))
+    return [item["id"] for item in items]
+
+
+@dataclass
+class Ledger:
+    """Every object ever seen in a destination, with its hash: a key once seen must never change."""
+
+    hashes: dict[str, str] = field(default_factory=dict)
+    overwritten: list[str] = field(default_factory=list)
+    ids: collections.Counter[str] = field(default_factory=collections.Counter)
+    objects: int = 0
+
+    def observe(self, objects: Mapping[str, bytes]) -> None:
+        """Record the destination's objects now; note any key whose bytes changed or vanished."""
+        vanished = set(self.hashes) - set(objects)
+        self.overwritten.extend(f"{key} vanished" for key in sorted(vanished))
+        ids: collections.Counter[str] = collections.Counter()
+        for key, payload in objects.items():
+            digest = hashlib.sha256(payload).hexdigest()
+            if self.hashes.setdefault(key, digest) != digest:
+                self.overwritten.append(key)
+            ids.update(ids_of_payload(key, payload))
+        self.ids = ids
+        self.objects = len(objects)
+
+    def missing(self, expected: Iterable[str]) -> list[str]:
+        return [i for i in expected if self.ids[i] == 0]
+
+    def duplicates(self) -> dict[str, int]:
+        return {i: n for i, n in self.ids.items() if n > 1}
+
+
+def local_objects(root: Path) -> dict[str, bytes]:
+    """Batch files below ``root`` (hidden temp files excluded), by key."""
+    found: dict[str, bytes] = {}
+    if not root.exists():
+        return found
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            found[path.relative_to(root).as_posix()] = path.read_bytes()
+    return found
+
+
+def s3_objects(client: Any, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            key = item["Key"]
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            found[key[len(prefix) :].lstrip("/") if prefix else key] = body
+    return found
+
+
+def peak_rss_kib(pid: int) -> int | None:
+    """VmHWM of a live process, in KiB (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def summary_counts(stderr: str) -> dict[str, int]:
+    """The figures of the text summary line (``N lines read, N ACKs accepted, N rejected, N blank``)."""
+    import re
+
+    match = re.search(
+        r"([\d,]+) lines read, ([\d,]+) ACKs accepted, ([\d,]+) rejected, ([\d,]+) blank", stderr
+    )
+    assert match is not None, f"no summary in:\n{stderr[-2000:]}"
+    read, accepted, rejected, blank = (int(g.replace(",", "")) for g in match.groups())
+    return {"lines_read": read, "acks_accepted": accepted, "lines_rejected": rejected, "blank_lines": blank}
