@@ -120,6 +120,10 @@ def test_batch_files_0644_spool_0600_under_umask_077(tmp_path: Path) -> None:
     assert len(files) == 4
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    assert len(folders) == 3  # out, YYYYMMDD, HH
+    for folder in folders:  # readable by others, or the 0644 files would not be
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
     assert stat.S_IMODE(spool.stat().st_mode) == 0o700
     for path in spool.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

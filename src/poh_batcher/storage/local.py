@@ -53,7 +53,7 @@ class LocalStorage(StorageBackend):
         """Blocking body of :meth:`save_bytes`, for callers already on a worker thread."""
         path = self.path_of(key)
         try:
-            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            _make_folders(path.parent)
             temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             try:
@@ -84,7 +84,7 @@ class LocalStorage(StorageBackend):
 
     def _check_writable(self) -> None:
         try:
-            self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            _make_folders(self.root)
         except OSError as exc:
             raise StorageError(f"cannot create {self.root}: {exc.strerror or exc}", retryable=False) from exc
         if not os.access(self.root, os.W_OK | os.X_OK):
@@ -121,6 +121,18 @@ class LocalStorage(StorageBackend):
 
     def get_url(self, key: str) -> str:
         return self.path_of(key).as_uri()
+
+
+def _make_folders(folder: Path) -> None:
+    """Create ``folder`` and missing parents as 0755 whatever the umask, so 0644 files stay readable."""
+    if folder.is_dir():
+        return
+    _make_folders(folder.parent)
+    try:
+        folder.mkdir(mode=DIR_MODE)
+    except FileExistsError:
+        return  # another writer made it meanwhile
+    os.chmod(folder, DIR_MODE)
 
 
 def _fsync_dir(folder: Path) -> None:
