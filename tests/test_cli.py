@@ -228,6 +228,10 @@ def test_bad_lines_reported_rejected_and_rest_stored(tmp_path: Path, env: dict[s
     for number, reason in EXPECTED_REASONS.items():
         assert reason in reported[str(number)], (number, reported[str(number)])
     assert rejects.read_bytes() == b"earlier\n" + b"".join(BAD[n] + b"\n" for n in sorted(EXPECTED_REASONS))
+    # FILE.reasons pairs with FILE line for line: the same reasons as on stderr, in order.
+    reasons = (tmp_path / "rejects.jsonl.reasons").read_text().splitlines()
+    assert [line.split(":")[0] for line in reasons] == [f"line {n}" for n in sorted(EXPECTED_REASONS)]
+    assert reasons == [f"line {n}: {reported[str(n)]}" for n in sorted(EXPECTED_REASONS)]
     assert stored_acks(out) == parsed(good)
     figures = summary_figures(result.stderr)
     assert figures["rejected"] == 7

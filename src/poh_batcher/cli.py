@@ -27,6 +27,7 @@ from .naming import validate_writer_id
 from .observer import ArchiveObserver, command_observers
 from .parsing import DEFAULT_MAX_LINE_BYTES, AckCheck, LineValidator, Reject
 from .pipeline import ArchiveSettings, run_archive
+from .rejects import RejectsFile
 from .retry import RetryPolicy
 from .sources.base import Source
 from .sources.lines import LineSource
@@ -126,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     io.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
     validation = parser.add_argument_group("validation")
-    validation.add_argument("--rejects", default=None, help="append every invalid line, verbatim, to this file")
+    validation.add_argument(
+        "--rejects",
+        metavar="FILE",
+        default=None,
+        help="append every invalid line, verbatim, to FILE, and its reason to FILE.reasons",
+    )
     validation.add_argument("--strict", action="store_true", help="stop at the first invalid line (exit status 1)")
     validation.add_argument(
         "--max-line-bytes",
@@ -203,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream: BinaryIO = (
                 sys.stdin.buffer if args.input == "-" else files.enter_context(open(os.path.abspath(args.input), "rb"))
             )
-            rejects_file = files.enter_context(open(args.rejects, "ab")) if args.rejects else None
+            rejects_file = files.enter_context(RejectsFile(args.rejects)) if args.rejects else None
             observers = command_observers(args, files)
             summary = _run_settled(
                 _archive(
@@ -266,7 +272,7 @@ async def _archive(
     settings: ArchiveSettings,
     storage: StorageBackend,
     stream: BinaryIO,
-    rejects_file: BinaryIO | None,
+    rejects_file: RejectsFile | None,
     spool: Spool | None,
     observers: Sequence[ArchiveObserver] = (),
     checks: Sequence[AckCheck] = (),
@@ -363,11 +369,10 @@ def _seek_input(stream: BinaryIO, offset: int) -> None:
     stream.seek(offset)
 
 
-def _write_rejects(rejects: list[Reject], rejects_file: BinaryIO | None) -> None:
+def _write_rejects(rejects: list[Reject], rejects_file: RejectsFile | None) -> None:
     log_rejects(rejects)  # "line N: reason" on stderr, a JSON record each with --log-format json
     if rejects_file is not None:
-        rejects_file.write(b"".join(r.raw + b"\n" for r in rejects))
-        rejects_file.flush()
+        rejects_file.write(rejects)
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:
