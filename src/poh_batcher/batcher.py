@@ -151,7 +151,7 @@ class AsyncBatcher:
         codec: str = "auto",
         level: int = 3,
         max_pending: int | None = None,
-        max_in_flight: int = 4,
+        max_in_flight: int = 8,
         retry: RetryPolicy | None = None,
         prefix: str = "",
         writer_id: str | None = None,
@@ -226,23 +226,18 @@ class AsyncBatcher:
         if self._state == "new":
             self._state = "running"
 
-    async def stop(self, timeout: float | None = None) -> None:
+    async def stop(self) -> None:
         """Flush, wait for every batch, and raise ``DeliveryError`` if any was not stored.
 
-        With ``timeout``, batches still being stored after that many seconds are
-        abandoned (their futures fail); a write-ahead spool keeps their ACKs.
+        To bound the wait (a shutdown timeout), call :meth:`abandon` while it runs.
         Safe to call twice: the second call returns at once.
         """
         if self._state == "stopped":
             return
         self._state = "stopping"
         self._seal()
-        deadline = None if timeout is None else self._clock.monotonic() + timeout
         while self._shipping:
-            remaining = None if deadline is None else max(0.0, deadline - self._clock.monotonic())
-            _, pending = await asyncio.wait(set(self._shipping), timeout=remaining)
-            if pending and deadline is not None and self._clock.monotonic() >= deadline:
-                self._abandon(pending)
+            await asyncio.wait(set(self._shipping))
             self._seal()  # ACKs of an enqueue() that was waiting for room when stop() began
         self._state = "stopped"
         if self._failures:
@@ -296,7 +291,8 @@ class AsyncBatcher:
         stored, or fails with the reason it could not be.
         """
         line = self._line_of(ack)
-        self._check_open()
+        if self._state != "running":
+            self._check_open()
         if self._pending >= self.max_pending:
             await self._wait_for_room()
         return self._append(line)
@@ -584,6 +580,8 @@ def pack_acks(acks: Iterable[Ack], *, codec: str = "auto", level: int = 3) -> Pa
 def ack_to_line(ack: Ack, validator: LineValidator, index: int | None = None) -> bytes:
     """The minified JSON line of a validated ACK given as a model, a mapping or a line."""
     try:
+        if type(ack) is bytes:  # the common case first: a line as read
+            return validator.validate_line(ack)
         if isinstance(ack, BaseModel):
             return ack.model_dump_json().encode()
         if isinstance(ack, str):

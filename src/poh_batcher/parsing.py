@@ -31,7 +31,7 @@ _NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 _Rfc3339 = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
-class _AckShape(msgspec.Struct):
+class _AckShape(msgspec.Struct, gc=False):  # str and datetime fields: no cycles, skip GC tracking
     """The validation schema; unknown fields are allowed (and kept from the raw line)."""
 
     id: _NonEmpty
@@ -74,24 +74,32 @@ class LineValidator:
         self.max_line_bytes = max_line_bytes
         self.checks = tuple(checks)
 
-    def validate_block(self, lines: list[bytes], first_line: int = 1) -> ValidatedBlock:
-        """Validate ``lines`` (without their newlines), numbered from ``first_line``."""
+    def validate_block(self, lines: list[bytes], first_line: int = 1, *, source: bytes | None = None) -> ValidatedBlock:
+        """Validate ``lines`` (without their newlines), numbered from ``first_line``.
+
+        ``source``, when the caller has it, is the input ``lines`` were split
+        from: it starts with each of them followed by a newline (anything after
+        is ignored). Validating it in place spares joining the lines again.
+        """
         if not lines:
             return ValidatedBlock()
-        block = self._validate_shape(lines, first_line)
+        block = self._validate_shape(lines, first_line, source)
         if self.checks:
             block = self._apply_checks(block, lines, first_line)
         return block
 
-    def _validate_shape(self, lines: list[bytes], first_line: int) -> ValidatedBlock:
+    def _validate_shape(self, lines: list[bytes], first_line: int, source: bytes | None = None) -> ValidatedBlock:
         if max(map(len, lines)) <= self.max_line_bytes:
-            joined = b"\n".join(lines) + b"\n"
+            if source is None:
+                source = b"\n".join(lines) + b"\n"
+            size = sum(map(len, lines)) + len(lines)
             try:
-                shapes = _decoder.decode_lines(joined)
+                shapes = _decoder.decode_lines(memoryview(source)[:size])
             except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
                 pass
             else:
-                if len(shapes) == len(lines) and _encoder.encode_lines(shapes) == joined:
+                encoded = _encoder.encode_lines(shapes)
+                if len(shapes) == len(lines) and len(encoded) == size and source.startswith(encoded):
                     return ValidatedBlock(acks=lines)
         return self._validate_each(lines, first_line)
 

@@ -158,7 +158,13 @@ async def run_archive(
             if spool is not None and (chunk.acks or chunk.end_offset is not None):
                 # A full spool disk pauses the input (retried with back-off), it does not end the run.
                 journaled = await _while_spool_full(
-                    functools.partial(spool.append, chunk.acks, input_offset=chunk.end_offset, next_line=next_line),
+                    functools.partial(
+                        spool.append,
+                        chunk.acks,
+                        input_offset=chunk.end_offset,
+                        next_line=next_line,
+                        joined=chunk.joined,
+                    ),
                     clock,
                     stop,
                     spool_full_warned,

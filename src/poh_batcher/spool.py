@@ -297,10 +297,26 @@ class Spool:
 
     # -- writing (event loop side) -------------------------------------------
 
-    async def append(self, lines: list[bytes], *, input_offset: int | None, next_line: int) -> None:
-        """Journal accepted ACK lines; when this returns they are accepted."""
+    async def append(
+        self,
+        lines: list[bytes],
+        *,
+        input_offset: int | None,
+        next_line: int,
+        joined: bytes | memoryview | None = None,
+    ) -> None:
+        """Journal accepted ACK lines; when this returns they are accepted.
+
+        ``joined`` is ``lines`` joined by newlines, if the caller has it (the input block
+        they were split from): a megabyte of lines is then copied once, not joined
+        and copied three times, on the event loop.
+        """
         header = _ACKS_HEADER.pack(-1 if input_offset is None else input_offset, next_line)
-        await self._submit(_record(_ACKS, header + b"\n".join(lines)), sync=False, acks=len(lines))
+        body = b"\n".join(lines) if joined is None else joined
+        # The same bytes as _record(_ACKS, header + body), built with a single copy.
+        crc = zlib.crc32(body, zlib.crc32(header, zlib.crc32(_ACKS)))
+        record = b"".join((_HEADER.pack(_ACKS[0], len(header) + len(body), crc), header, body))
+        await self._submit(record, sync=False, acks=len(lines))
 
     async def record_batch(self, first: int, count: int, key: str, codec: str, level: int) -> None:
         """Make the plan of a batch (and every ACK before it) durable before its upload."""

@@ -17,7 +17,9 @@ class Chunk:
     so that ``lines == len(acks) + len(rejects) + blank``. ``end_offset`` is the
     input byte offset just past the chunk's last line, for resumable inputs.
     ``on_stored`` is called once every ACK of the chunk is durably stored
-    (a stream engine acknowledges its messages there).
+    (a stream engine acknowledges its messages there). ``joined``, when a
+    source has it at no cost, is ``acks`` joined by newlines (bytes or a view of
+    the input): the spool journals it without joining the lines again.
     """
 
     acks: list[bytes]
@@ -26,6 +28,7 @@ class Chunk:
     lines: int = 0
     end_offset: int | None = None
     on_stored: Callable[[], None] | None = None
+    joined: bytes | memoryview | None = None
 
 
 class Source(Protocol):

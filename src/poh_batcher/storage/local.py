@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import builtins
 import errno
+import functools
 import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import quote
 
 from ..errors import KeyExistsError, StorageError
 from .base import StorageBackend, check_key
@@ -120,7 +122,13 @@ class LocalStorage(StorageBackend):
         return keys
 
     def get_url(self, key: str) -> str:
-        return self.path_of(key).as_uri()
+        # Same string as self.path_of(key).as_uri(), without pathlib (called once per batch).
+        return self._root_uri + quote(check_key(key))
+
+    @functools.cached_property
+    def _root_uri(self) -> str:
+        uri = self.root.as_uri()
+        return uri if uri.endswith("/") else uri + "/"
 
 
 def _make_folders(folder: Path) -> None:
