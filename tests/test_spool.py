@@ -308,7 +308,7 @@ async def test_failed_write_in_a_group_fails_only_itself_and_later_ones(
     assert spool._thread is not None
     spool._thread.join()
     calls = {"n": 0}
-    real = spool_module._write_fully
+    real = spool_module.write_fully
 
     def write_fully(fd: int, data: bytes) -> None:
         calls["n"] += 1
@@ -317,7 +317,7 @@ async def test_failed_write_in_a_group_fails_only_itself_and_later_ones(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, data)
 
-    monkeypatch.setattr(spool_module, "_write_fully", write_fully)
+    monkeypatch.setattr(spool_module, "write_fully", write_fully)
     writes = [
         spool_module._Write(spool_module._record(spool_module._ACKS, spool_module._ACKS_HEADER.pack(-1, 1) + ack(i)),
                             sync=False, done=spool_module._ignore, acks=1)
@@ -327,7 +327,7 @@ async def test_failed_write_in_a_group_fails_only_itself_and_later_ones(
     assert written == 1
     assert isinstance(error, SpoolFullError)
     assert "No space left on device" in str(error)
-    monkeypatch.setattr(spool_module, "_write_fully", real)
+    monkeypatch.setattr(spool_module, "write_fully", real)
     assert spool._lock_fd is not None
     os.close(spool._lock_fd)
     spool._lock_fd = None

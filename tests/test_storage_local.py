@@ -47,6 +47,19 @@ async def test_never_overwrites(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / KEY).parent.iterdir()) == [Path(KEY).name]  # no temp left
 
 
+async def test_rewriting_the_same_bytes_is_an_earlier_attempt_not_a_new_object(tmp_path: Path) -> None:
+    """A retry whose first attempt landed (say its folder fsync failed) must not need a second key."""
+    storage = LocalStorage(tmp_path)
+    await storage.save_bytes(KEY, b"the batch")
+    before = (tmp_path / KEY).stat()
+    await storage.save_bytes(KEY, b"the batch")  # no KeyExistsError: it is already there
+    after = (tmp_path / KEY).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # untouched
+    assert os.listdir((tmp_path / KEY).parent) == [Path(KEY).name]  # and no temp left behind
+    with pytest.raises(KeyExistsError):
+        await storage.save_bytes(KEY, b"the batcH")
+
+
 async def test_concurrent_writers_one_wins(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     results = await asyncio.gather(

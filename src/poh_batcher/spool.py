@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigurationError, PohBatcherError
+from .storage.durable import fsync_dir, write_fully
 
 _HEADER = struct.Struct("<BII")
 _ACKS_HEADER = struct.Struct("<qq")  # input end offset (-1: none), next input line number
@@ -282,8 +283,8 @@ class Spool:
             if size == 0 and self._input_name is not None:
                 # Carry the input position into the new segment: older ones may be deleted.
                 offset, line = self._last_input
-                _write_fully(fd, _record(_ACKS, _ACKS_HEADER.pack(offset, line)))
-            _fsync_dir(self.directory)
+                write_fully(fd, _record(_ACKS, _ACKS_HEADER.pack(offset, line)))
+            fsync_dir(self.directory)
         except OSError:
             os.close(fd)
             if size == 0:  # a half-made new segment would break the chain of segments: remove it
@@ -410,7 +411,7 @@ class Spool:
         for position, write in enumerate(writes):
             before = self._size
             try:
-                _write_fully(self._fd, write.record)
+                write_fully(self._fd, write.record)
             except OSError as exc:
                 # Leave no torn record behind a later good one (a full disk may recover).
                 with contextlib.suppress(OSError):
@@ -523,20 +524,6 @@ def _read_records(path: Path, *, last: bool) -> tuple[list[tuple[bytes, bytes]],
         handle.truncate(position)
         os.fsync(handle.fileno())
     return records, 1
-
-
-def _write_fully(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -1,9 +1,10 @@
 """Local-disk backend: atomic, durable, never overwriting.
 
-A batch is written to a hidden temporary file in its final folder, fsync'd,
+A batch is written to a hidden temporary file in its final folder, flushed,
 then hard-linked to its key. ``link`` fails when the key exists, so two writers
 can never overwrite each other (``rename`` would silently replace the target).
-The folder is fsync'd afterwards so the new name survives a power cut.
+The folder is fsync'd afterwards so the new name survives a power cut
+(``durable.py``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import builtins
 import errno
 import functools
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote
 
 from ..errors import KeyExistsError, StorageError
 from .base import StorageBackend, check_key
+from .durable import FileTakenError, create_durably
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -52,32 +53,17 @@ class LocalStorage(StorageBackend):
         await asyncio.to_thread(self.write_durably, key, data)
 
     def write_durably(self, key: str, data: bytes) -> None:
-        """Blocking body of :meth:`save_bytes`, for callers already on a worker thread."""
+        """Blocking body of :meth:`save_bytes`, for callers already on a worker thread.
+
+        Rewriting a key with the very bytes it holds succeeds: that is an earlier
+        attempt whose answer was lost, not a second object.
+        """
         path = self.path_of(key)
         try:
             _make_folders(path.parent)
-            temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-            try:
-                os.fchmod(fd, FILE_MODE)  # independent of the process umask
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            except BaseException:
-                os.unlink(temp)  # a partial temp file must not pile up (disk full, retried)
-                raise
-            finally:
-                os.close(fd)
-            try:
-                os.link(temp, path)
-            except FileExistsError:
-                raise KeyExistsError(key) from None
-            finally:
-                os.unlink(temp)
-            _fsync_dir(path.parent)
-        except StorageError:
-            raise
+            create_durably(path, data, FILE_MODE)
+        except FileTakenError:
+            raise KeyExistsError(key) from None
         except OSError as exc:
             raise _storage_error(key, path, exc) from exc
 
@@ -141,14 +127,6 @@ def _make_folders(folder: Path) -> None:
     except FileExistsError:
         return  # another writer made it meanwhile
     os.chmod(folder, DIR_MODE)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _storage_error(key: str, path: Path, exc: OSError) -> StorageError:
