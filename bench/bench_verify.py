@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
-DEFAULT_GEN = Path("/work/shared/gen_acks.py")
+DEFAULT_GEN = HERE.parent.parent / "shared" / "gen_acks.py"  # the shared/ folder beside the repository
 
 
 def main() -> int:

@@ -27,7 +27,7 @@ from poh_batcher import (
 )
 from poh_batcher.compression import decompress
 
-SAMPLE = Path("/work/shared/data/acks_10k.jsonl")
+SAMPLE = Path(__file__).parent / "data" / "acks_10k.jsonl"
 LINES = SAMPLE.read_bytes().splitlines()
 
 
@@ -435,6 +435,36 @@ async def test_sink_failing_twice_then_succeeding_loses_nothing(tmp_path: Path) 
     assert receipts[0].attempts == 3
     stored = [json.loads(decompress("zstd", data)) for _, data in sorted(_files(tmp_path).items())]
     assert [json.dumps(x, separators=(",", ":")).encode() for batch in stored for x in batch] == LINES[:250]
+
+
+class FlakyListing(FlakyStorage):
+    """Writes work; listing (which naming does on the first batch of an hour) fails at first."""
+
+    def __init__(self, inner: LocalStorage, list_failures: int) -> None:
+        super().__init__(inner, failures=0)
+        self.list_failures = list_failures
+        self.list_calls = 0
+
+    async def list(self, prefix: str = "") -> list[str]:
+        self.list_calls += 1
+        if self.list_calls <= self.list_failures:
+            raise StorageError(f"injected listing failure {self.list_calls}")
+        return await self.inner.list(prefix)
+
+
+async def test_an_outage_while_naming_the_first_batch_of_an_hour_is_retried(tmp_path: Path) -> None:
+    clock = FakeClock()
+    storage = FlakyListing(LocalStorage(tmp_path), list_failures=2)
+    batcher = AsyncBatcher(5, 60.0, storage, retry=RetryPolicy(attempts=3, initial_delay=1.0), clock=clock)
+    delivered = await batcher.enqueue_many(LINES[:5])
+    await drive(clock, delivered)
+    (receipt,) = delivered.result()
+    await batcher.stop()
+    assert storage.list_calls == 3
+    assert batcher.stats.retries == 2
+    assert receipt.key is not None
+    assert receipt.key.endswith("/ack_batch_000000.json.zst")
+    assert (tmp_path / receipt.key).is_file()
 
 
 async def test_failures_spread_over_concurrent_batches_lose_nothing(tmp_path: Path) -> None:

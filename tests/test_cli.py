@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-SAMPLE = Path("/work/shared/data/acks_10k.jsonl")
+SAMPLE = Path(__file__).parent / "data" / "acks_10k.jsonl"
 LINES = SAMPLE.read_bytes().splitlines()
 COMMAND = [sys.executable, "-m", "poh_batcher.cli"]
 KEY = re.compile(r"\d{8}/\d{2}/ack_batch_(?:[A-Za-z0-9.-]+_)?\d{6,}\.json(\.zst|\.gz)?")

@@ -22,7 +22,7 @@ from poh_batcher.batcher import pack_lines
 from poh_batcher.cli import main
 from poh_batcher.naming import parse_key
 
-DATA = Path("/work/shared/data/acks_10k.jsonl")
+DATA = Path(__file__).parent / "data" / "acks_10k.jsonl"
 WRITE_TIMEOUT = 180
 
 

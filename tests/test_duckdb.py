@@ -17,7 +17,7 @@ import pytest
 
 duckdb = pytest.importorskip("duckdb")
 
-DATA = Path("/work/shared/data/acks_10k.jsonl")
+DATA = Path(__file__).parent / "data" / "acks_10k.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from poh_batcher.parsing import LineValidator, Reject
 from poh_batcher.pipeline import ArchiveSettings, run_archive
 from poh_batcher.sources.lines import LineSource
 
-SAMPLE = Path("/work/shared/data/acks_10k.jsonl")
+SAMPLE = Path(__file__).parent / "data" / "acks_10k.jsonl"
 BATCH = 97  # not a divisor of anything in sight: batches straddle read blocks
 
 

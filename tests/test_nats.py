@@ -38,7 +38,7 @@ from poh_batcher.parsing import LineValidator
 from poh_batcher.sources.base import Chunk
 from poh_batcher.sources.nats import NatsSettings, NatsSource, default_writer_id, ensure_stream, stream_sequence
 
-SAMPLE = Path("/work/shared/data/acks_10k.jsonl")
+SAMPLE = Path(__file__).parent / "data" / "acks_10k.jsonl"
 CLI = [sys.executable, "-m", "poh_batcher.cli"]
 
 

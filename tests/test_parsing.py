@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from poh_batcher.errors import InvalidAckError
 from poh_batcher.parsing import LineValidator, Reject, ValidatedBlock, minify
 
-SAMPLE = Path("/work/shared/data/acks_10k.jsonl")
+SAMPLE = Path(__file__).parent / "data" / "acks_10k.jsonl"
 GOOD = (
     b'{"id":"tx-1","timestamp":"2025-01-01T00:00:00.000008Z",'
     b'"signature":"3iZP9U82swUuB16uqJna18vhXmX","pubkey":"HW9o7Pqr844sYJhzvy22PG8kz1"}'

@@ -27,7 +27,7 @@ from poh_batcher.storage import StorageBackend, storage_from_url
 from poh_batcher.storage.s3 import ObjectInfo, S3Storage
 from s3server import CORRUPT, DROP, DROP_RESPONSE, SLOW_DOWN, FaultProxy, S3Server, fail_first
 
-DATA = Path("/work/shared/data/acks_10k.jsonl")
+DATA = Path(__file__).parent / "data" / "acks_10k.jsonl"
 HOUR = datetime(2025, 1, 1, 7, 30, tzinfo=UTC)
 FAST_RETRY = RetryPolicy(attempts=10, initial_delay=0.01, max_delay=0.2)
 NO_INTERNAL_RETRY: Any = {"max_retries": 0, "retry_timeout": timedelta(seconds=10)}

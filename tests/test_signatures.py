@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from poh_batcher.ingest_checks import build_checks, dedupe_check, signature_check, ttl_check
 from poh_batcher.signatures import SignatureVerifier, b58decode, signed_message, verify_lines
 
-DATA = Path("/work/shared/data/acks_10k.jsonl")
+DATA = Path(__file__).parent / "data" / "acks_10k.jsonl"
 
 
 class FixedClock:

@@ -17,7 +17,7 @@ from poh_batcher.compression import decompress
 from poh_batcher.errors import InvalidAckError
 from poh_batcher.parsing import LineValidator
 
-SAMPLE = Path("/work/shared/data/acks_10k.jsonl")
+SAMPLE = Path(__file__).parent / "data" / "acks_10k.jsonl"
 GOOD: dict[str, Any] = {
     "id": "tx-1",
     "timestamp": "2025-01-01T00:00:00.000008Z",

@@ -448,17 +448,27 @@ class AsyncBatcher:
             )
         batch.settled.set_result(None)
 
-    async def _store(self, batch: _OpenBatch) -> BatchReceipt:
-        key: str | None = None
-        if self._namer is not None:
-            async with self._naming:
-                key, _ = await self._namer.next_key(self._clock.utcnow())
-        attempts = 0
+    def _count_retry(self, attempt: int, exc: BaseException, delay: float) -> None:
+        self.stats.retries += 1
+        if self._on_retry is not None:
+            self._on_retry(attempt, exc, delay)
 
-        def count_retry(attempt: int, exc: BaseException, delay: float) -> None:
-            self.stats.retries += 1
-            if self._on_retry is not None:
-                self._on_retry(attempt, exc, delay)
+    async def _next_key(self) -> str:
+        """The next key, in batch order. The first batch of an hour lists its folder:
+        a failing listing (an outage) is retried like a failing store."""
+        namer = self._namer
+        assert namer is not None
+        async with self._naming:
+
+            async def name() -> str:
+                key, _ = await namer.next_key(self._clock.utcnow())
+                return key
+
+            return await call_with_retry(name, self.retry, self._clock, on_retry=self._count_retry)
+
+    async def _store(self, batch: _OpenBatch) -> BatchReceipt:
+        key = await self._next_key() if self._namer is not None else None
+        attempts = 0
 
         async with self._slots:
             # Local disk: pack and write in one worker call (one thread hop per batch).
@@ -489,12 +499,10 @@ class AsyncBatcher:
                         await self._deliver(packed, key)
 
                 try:
-                    await call_with_retry(attempt, self.retry, self._clock, on_retry=count_retry)
+                    await call_with_retry(attempt, self.retry, self._clock, on_retry=self._count_retry)
                     break
                 except KeyExistsError:
-                    assert self._namer is not None
-                    async with self._naming:
-                        key, _ = await self._namer.next_key(self._clock.utcnow())
+                    key = await self._next_key()
             else:
                 raise DeliveryError(f"gave up after {_MAX_KEY_CONFLICTS} taken keys")
         assert packed is not None
