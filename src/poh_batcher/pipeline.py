@@ -217,10 +217,7 @@ async def run_archive(
 async def _drain(batcher: AsyncBatcher, stop: asyncio.Event, shutdown_timeout: float) -> DeliveryError | None:
     """Wait for every batch; once a stop is requested, for ``shutdown_timeout`` at most."""
     stopping = asyncio.ensure_future(batcher.stop())
-    if not stop.is_set():
-        stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({stopping, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
+    await _until_done_or_stopped(stopping, stop)
     if not stopping.done():
         await asyncio.wait({stopping}, timeout=shutdown_timeout)
         if not stopping.done():
@@ -262,17 +259,11 @@ async def _within_shutdown_timeout(work: Awaitable[T], stop: asyncio.Event, shut
     True if it finished; its exception, if any, propagates.
     """
     task = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
+    await _until_done_or_stopped(task, stop)
     if not task.done():
         await asyncio.wait({task}, timeout=shutdown_timeout)
     if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await _cancel(task)
         return False
     task.result()
     return True
@@ -290,17 +281,26 @@ async def _unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T:
     if stop.is_set():
         raise _Stopped
     task = asyncio.ensure_future(awaitable)
+    await _until_done_or_stopped(task, stop)
+    if not task.done():
+        await _cancel(task)
+        raise _Stopped
+    return task.result()
+
+
+async def _until_done_or_stopped(task: asyncio.Future[Any], stop: asyncio.Event) -> None:
+    """Wait until ``task`` is done or ``stop`` is set, whichever comes first."""
     stopper = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopper.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise _Stopped
-    return task.result()
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _call_if_ok(callback: Callable[[], None]) -> Callable[[asyncio.Future[Any]], None]:
