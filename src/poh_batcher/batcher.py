@@ -264,11 +264,6 @@ class AsyncBatcher:
             batch.delivered.set_exception(error)
         self._unsettled.clear()
 
-    @property
-    def pending_acks(self) -> int:
-        """ACKs enqueued and not yet delivered or failed."""
-        return self._pending
-
     def oldest_pending_age(self) -> float:
         """Seconds since the oldest ACK not yet stored was enqueued (0.0 if none); safe from any thread."""
         batches = [*self._unsettled[:1], self._current]  # sealed batches first: the oldest is first

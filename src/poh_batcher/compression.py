@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import threading
-from typing import Literal
 
 from .types import Codec
 
@@ -19,7 +18,6 @@ try:  # pragma: no branch - which arm runs depends on the environment
 except ImportError:  # pragma: no cover - exercised by hiding the module in tests
     _zstd = None  # type: ignore[assignment]
 
-CodecChoice = Literal["auto", "zstd", "gzip", "none"]
 CODECS: tuple[Codec, ...] = ("zstd", "gzip", "none")
 EXTENSIONS: dict[Codec, str] = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

@@ -44,7 +44,6 @@ class Progress(ArchiveObserver):
         self.console = console or Console(stderr=True)
         self.refresh = refresh
         self._batcher: AsyncBatcher | None = None
-        self._summary: Summary | None = None
         self._rejected = 0
         self._spool_bytes: int | None = None
         self._samples: deque[tuple[float, int]] = deque()
@@ -53,7 +52,7 @@ class Progress(ArchiveObserver):
         self._task: asyncio.Task[None] | None = None
 
     def on_start(self, batcher: AsyncBatcher, summary: Summary) -> None:
-        self._batcher, self._summary = batcher, summary
+        self._batcher = batcher
         self._started = time.monotonic()
         self._live = Live(
             self.render(), console=self.console, auto_refresh=False, transient=True, redirect_stdout=False

@@ -360,11 +360,6 @@ class Spool:
             self._remove_delivered_segments(include_active=True)
         self._release()
 
-    @property
-    def pending_segments(self) -> list[Path]:
-        """Segment files still holding ACKs not known to be stored."""
-        return [segment.path for segment in self._segments if segment.path.exists()]
-
     # -- the writer thread ----------------------------------------------------
 
     def _run(self) -> None:
