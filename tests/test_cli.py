@@ -356,6 +356,9 @@ def test_signal_flushes_and_exits_zero(signum: int, tmp_path: Path, env: dict[st
         _wait_for_files(out, 2, timeout=10.0)  # two full batches; the other 200 wait for the 60 s timer
         time.sleep(0.5)  # and let the last 200 be read
         proc.send_signal(signum)
+        # Keep stdin open while it exits: the reader is then blocked reading an idle
+        # pipe, which once made the interpreter abort at exit (status 134).
+        proc.wait(timeout=30)
         stdout, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:

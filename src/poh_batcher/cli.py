@@ -206,9 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = {name: value for name, value in (("endpoint", args.s3_endpoint), ("region", args.s3_region)) if value}
         storage = storage_from_url(args.output_dir, **options)
         with ExitStack() as files:
-            stream: BinaryIO = (
-                sys.stdin.buffer if args.input == "-" else files.enter_context(open(os.path.abspath(args.input), "rb"))
-            )
+            stream = files.enter_context(_open_input(args.input))
             rejects_file = files.enter_context(RejectsFile(args.rejects)) if args.rejects else None
             observers = command_observers(args, files)
             summary = _run_settled(
@@ -284,7 +282,7 @@ async def _archive(
     await storage.preflight()
     recovered = Recovered()
     if spool is not None:
-        input_name = None if stream is sys.stdin.buffer else str(stream.name)
+        input_name = stream.name if isinstance(stream.name, str) else None  # a file descriptor: stdin
         recovered = await asyncio.to_thread(spool.open, input_name)
         if recovered.input_offset:
             await asyncio.to_thread(_seek_input, stream, recovered.input_offset)
@@ -359,6 +357,19 @@ def _checks_of(args: argparse.Namespace) -> list[AckCheck]:
         dedupe=args.dedupe,
         dedupe_window=args.dedupe_window,
     )
+
+
+def _open_input(name: str) -> BinaryIO:
+    """The input file, or stdin as an unbuffered file of its own.
+
+    The reader thread may still be blocked reading an idle pipe when a signal
+    ends the run. Reading through ``sys.stdin.buffer`` it would hold that
+    object's lock, and the interpreter aborts at exit when it cannot take it;
+    a separate unbuffered file on descriptor 0 has no such lock.
+    """
+    if name == "-":
+        return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+    return open(os.path.abspath(name), "rb")
 
 
 def _seek_input(stream: BinaryIO, offset: int) -> None:
