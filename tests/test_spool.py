@@ -336,6 +336,51 @@ async def test_failed_write_in_a_group_fails_only_itself_and_later_ones(
     assert recovered.unbatched == [ack(0)]
 
 
+async def test_delivery_notes_are_never_dropped_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A note queued behind a failed append, or failing itself, is kept: dropping it kept a delivered
+    segment forever, and on a full disk that space was what the next append needed (the run hung)."""
+    spool = Spool(tmp_path, destination=DEST)
+    spool.open(None)
+    spool._queue.put(None)  # no writer thread: drive _write_all directly
+    assert spool._thread is not None
+    spool._thread.join()
+
+    def write(kind: bytes, payload: bytes, acks: int = 0) -> spool_module._Write:
+        record = spool_module._record(kind, payload)
+        return spool_module._Write(record, sync=False, done=spool_module._ignore, acks=acks)
+
+    def acks(first: int, count: int) -> spool_module._Write:
+        lines = b"\n".join(ack(i) for i in range(first, first + count))
+        return write(spool_module._ACKS, spool_module._ACKS_HEADER.pack(-1, 1) + lines, count)
+
+    def note(first: int, count: int) -> spool_module._Write:
+        return write(spool_module._DELIVERED, json.dumps({"first": first, "count": count, "key": "k"}).encode())
+
+    assert spool._write_all([acks(0, 4)]) == (1, None)
+    real = spool_module.write_fully
+
+    def room_for_notes_only(fd: int, data: bytes) -> None:
+        if data[:1] != spool_module._DELIVERED:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    def no_room(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "write_fully", room_for_notes_only)
+    written, error = spool._write_all([acks(4, 2), note(0, 2), note(2, 2)])
+    assert written == 0
+    assert isinstance(error, SpoolFullError)
+    assert spool._delivered_to == 4, "the notes behind the failed append still count"
+    # A note that does not fit either is kept and written by the next write that can be.
+    monkeypatch.setattr(spool_module, "write_fully", no_room)
+    assert spool._write_all([note(4, 1)])[1] is None  # nothing but a note: not an error, kept for later
+    assert spool._delivered_to == 4
+    monkeypatch.setattr(spool_module, "write_fully", real)
+    assert spool._write_all([acks(6, 1)]) == (1, None)
+    assert spool._delivered_to == 5
+
+
 async def test_failed_batch_keeps_its_acks_even_if_later_batches_are_stored(tmp_path: Path) -> None:
     """Regression: delivery notes after a gap must not delete the ACKs of a batch that failed."""
 

@@ -145,6 +145,10 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._delivered_to = 0
         self._done: dict[int, int] = {}  # delivered batches not yet contiguous with _delivered_to
+        # Delivery notes that did not fit on a full disk: written before anything else next time.
+        # Dropping one would keep its segment forever, and on a full disk that space is what
+        # the next append needs (the run would never resume).
+        self._unwritten_notes: list[_Write] = []
         self._meta: dict[str, Any] = {}
         self._error: BaseException | None = None
         self._last_input = (0, 1)
@@ -402,8 +406,13 @@ class Spool:
     def _write_all(self, writes: list[_Write]) -> tuple[int, SpoolError | None]:
         """Append ``writes`` in order: how many were written, and why the next one was not."""
         assert self._fd is not None
-        delivered = False
+        notes, self._unwritten_notes = self._unwritten_notes, []
+        for note in notes:
+            self._append_note(note)
         for position, write in enumerate(writes):
+            if write.record[:1] == _DELIVERED:
+                self._append_note(write)
+                continue
             before = self._size
             try:
                 write_fully(self._fd, write.record)
@@ -412,6 +421,9 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, before)
                 full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                for later in writes[position + 1 :]:
+                    if later.record[:1] == _DELIVERED:  # not failed with it: may be what frees space below
+                        self._append_note(later)
                 if full and self._segments[-1].end <= self._delivered_to:
                     # The active segment holds only delivered ACKs: start a new one so that it can
                     # be deleted, or the space it takes is never given back while the disk is full.
@@ -419,9 +431,6 @@ class Spool:
                         self._rotate()
                 kind = SpoolFullError if full else SpoolError
                 return position, kind(f"cannot write to spool {self.directory}: {exc.strerror or exc}")
-            if write.record[:1] == _DELIVERED:
-                self._note_delivered(write.record)
-                delivered = True
             self._size += len(write.record)
             self.bytes_on_disk += len(write.record)
             self._segments[-1].end += write.acks
@@ -429,13 +438,28 @@ class Spool:
                 offset, line = _ACKS_HEADER.unpack_from(write.record, _HEADER.size)
                 if offset >= 0:
                     self._last_input = (offset, line)
-        if delivered and any(segment.end <= self._delivered_to for segment in self._segments[:-1]):
-            # The delivery note must be durable before the ACKs it covers are deleted.
+        if any(segment.end <= self._delivered_to for segment in self._segments[:-1]):
+            # The delivery notes must be durable before the ACKs they cover are deleted.
             self._sync_now()
             self._remove_delivered_segments(include_active=False)
         if self._size >= self._segment_bytes:
             self._rotate()
         return len(writes), None
+
+    def _append_note(self, note: _Write) -> None:
+        """Append a delivery note, or keep it for the next write if it does not fit."""
+        assert self._fd is not None
+        before = self._size
+        try:
+            write_fully(self._fd, note.record)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, before)
+            self._unwritten_notes.append(note)
+            return
+        self._size += len(note.record)
+        self.bytes_on_disk += len(note.record)
+        self._note_delivered(note.record)
 
     def _note_delivered(self, record: bytes) -> None:
         done = json.loads(record[_HEADER.size :])
