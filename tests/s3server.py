@@ -221,13 +221,18 @@ class S3Server:
                     f"SeaweedFS exited with status {self._process.returncode} while starting\n{self.log_tail()}"
                 )
             try:
-                client.create_bucket(Bucket="poh-ready")
-                return
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                try:
+                    client.create_bucket(Bucket="poh-ready")
+                except ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code")
+                    if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+                # Ready means data round-trips too: after a restart the bucket exists at once,
+                # while the volume server may still answer InternalError for a while.
+                client.put_object(Bucket="poh-ready", Key="probe", Body=b"ok")
+                if client.get_object(Bucket="poh-ready", Key="probe")["Body"].read() == b"ok":
                     return
-                last = exc
-            except BotoCoreError as exc:
+            except (ClientError, BotoCoreError) as exc:
                 last = exc
             time.sleep(0.2)
         raise S3ServerError(
