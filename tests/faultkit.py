@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from poh_batcher.compression import decompress
 from poh_batcher.naming import parse_key
@@ -141,3 +145,34 @@ def summary_counts(stderr: str) -> dict[str, int]:
     assert match is not None, f"no summary in:\n{stderr[-2000:]}"
     read, accepted, rejected, blank = (int(g.replace(",", "")) for g in match.groups())
     return {"lines_read": read, "acks_accepted": accepted, "lines_rejected": rejected, "blank_lines": blank}
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``folder``: a disk that really fills up (ENOSPC).
+
+    Skips where mounting is not allowed (not root); tests/test_outage.py's ENOSPC
+    wrapper around the real LocalStorage covers a full disk there.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({mounted.stderr.strip()}); the ENOSPC wrapper test covers it")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def terminate(process: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after ``grace`` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from faultkit import terminate
 
 START_TIMEOUT = 20.0
 STOP_GRACE = 10.0
@@ -119,13 +120,8 @@ class NatsServer:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after STOP_GRACE seconds."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            terminate(process, STOP_GRACE)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -19,7 +19,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from faultkit import terminate
 
 ACCESS_KEY = "testkey"
 SECRET_KEY = "testsecret"
@@ -242,13 +243,8 @@ class S3Server:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s; the folder and ports are kept for ``start``."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            terminate(process, STOP_GRACE)
         if self._output is not None:
             self._output.close()
             self._output = None

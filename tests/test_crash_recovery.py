@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import POH, Ledger, child_env, local_objects, run, wait_for, write_acks
+from faultkit import POH, Ledger, child_env, local_objects, run, small_disk, wait_for, write_acks
 from poh_batcher.batcher import pack_lines
 from poh_batcher.spool import _BATCH, _read_records
 
@@ -221,19 +221,7 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str = "1m") -> Iterator[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); test_outage covers ENOSPC otherwise")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
+
 
 
 def sigterm_when_retrying(args: list[str], folder: Path, timeout: float) -> tuple[int, float, str]:
@@ -260,7 +248,7 @@ def test_sigterm_during_outage(tmp_path: Path, phase: str) -> None:
     source = tmp_path / "acks.jsonl"
     expected = write_acks(source, 5000)
     spool = tmp_path / "spool"
-    with small_disk(tmp_path / "out") as out:
+    with small_disk(tmp_path / "out", "1m") as out:
         args = archive_args(source, tmp_path, "--shutdown-timeout", "2", "-t", "0.1")
         filler = fill(out)
         if phase == "replaying":  # leave planned batches in the spool: the next run starts by replaying them

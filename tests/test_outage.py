@@ -26,6 +26,7 @@ from faultkit import (
     peak_rss_kib,
     run,
     s3_objects,
+    small_disk,
     wait_for,
     write_acks,
 )
@@ -149,19 +150,7 @@ def test_s3_server_stopped_mid_run(own_s3: S3Server, tmp_path: Path) -> None:
 # -- a full disk -------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str = "2m") -> Iterator[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs ({mounted.stderr.strip()}); the ENOSPC wrapper test covers it")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
+
 
 
 def fill(folder: Path, leave: int = 0) -> Path:
@@ -188,7 +177,7 @@ def fill(folder: Path, leave: int = 0) -> Path:
 def test_full_disk_then_space_returns(tmp_path: Path, spool_on_full_disk: bool) -> None:
     source = tmp_path / "acks.jsonl"
     expected = write_acks(source, 20_000)
-    with small_disk(tmp_path / "disk") as disk:
+    with small_disk(tmp_path / "disk", "2m") as disk:
         out = disk / "out"
         spool = disk / "spool" if spool_on_full_disk else tmp_path / "spool"
         args = ["-i", str(source), "-o", str(out), "-n", "200", "-t", "0.2", "--spool-dir", str(spool)]
