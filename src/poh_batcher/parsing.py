@@ -134,7 +134,8 @@ class LineValidator:
             try:
                 block.acks.append(self.validate_line(line))
             except InvalidAckError as exc:
-                block.rejects.append(Reject(number, exc.reason, line))
+                # An over-long line keeps only its first max_line_bytes, as when it spans reads.
+                block.rejects.append(Reject(number, exc.reason, line[: self.max_line_bytes]))
         return block
 
     def validate_line(self, line: bytes) -> bytes:
