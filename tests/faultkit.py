@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 
 from poh_batcher.compression import decompress
+from poh_batcher.errors import StorageError
 from poh_batcher.naming import parse_key
+from poh_batcher.storage import StorageBackend
 
 POH = [sys.executable, "-m", "poh_batcher.cli"]
 
@@ -176,3 +178,36 @@ def terminate(process: subprocess.Popen[Any], grace: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class FlakyStorage(StorageBackend):
+    """A real backend behind the StorageBackend seam whose first ``failures`` saves fail.
+
+    The failure is a StorageError (retryable unless told otherwise), as a 503 or a
+    full disk would give; everything else goes straight to the real backend.
+    """
+
+    def __init__(self, inner: StorageBackend, failures: int, *, retryable: bool = True) -> None:
+        self.inner = inner
+        self.failures = failures
+        self.retryable = retryable
+        self.calls = 0
+
+    async def save_bytes(self, key: str, data: bytes, **kwargs: Any) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise StorageError(f"saving {key} failed: HTTP 503: SlowDown (injected failure {self.calls})",
+                               retryable=self.retryable)  # fmt: skip
+        await self.inner.save_bytes(key, data, **kwargs)
+
+    async def load_bytes(self, key: str) -> bytes:
+        return await self.inner.load_bytes(key)
+
+    async def exists(self, key: str) -> bool:
+        return await self.inner.exists(key)
+
+    async def list(self, prefix: str = "") -> list[str]:
+        return await self.inner.list(prefix)
+
+    def get_url(self, key: str) -> str:
+        return self.inner.get_url(key)

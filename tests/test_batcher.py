@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from fakeclock import FakeClock, drive, settle, wait_real
+from faultkit import FlakyStorage
 from poh_batcher import (
     AckItem,
     AsyncBatcher,
@@ -22,7 +23,6 @@ from poh_batcher import (
     PackedBatch,
     PohBatcherError,
     RetryPolicy,
-    StorageBackend,
     StorageError,
 )
 from poh_batcher.compression import decompress
@@ -57,34 +57,6 @@ class Collect:
 
     def lines(self) -> list[bytes]:
         return [line for b in self.batches for line in _acks_of(b)]
-
-
-class FlakyStorage(StorageBackend):
-    """A real LocalStorage behind a seam that fails the first ``failures`` writes."""
-
-    def __init__(self, inner: LocalStorage, failures: int, *, retryable: bool = True) -> None:
-        self.inner = inner
-        self.failures = failures
-        self.retryable = retryable
-        self.calls = 0
-
-    async def save_bytes(self, key: str, data: bytes, **kwargs: Any) -> None:
-        self.calls += 1
-        if self.calls <= self.failures:
-            raise StorageError(f"injected failure {self.calls}", retryable=self.retryable)
-        await self.inner.save_bytes(key, data, **kwargs)
-
-    async def load_bytes(self, key: str) -> bytes:
-        return await self.inner.load_bytes(key)
-
-    async def exists(self, key: str) -> bool:
-        return await self.inner.exists(key)
-
-    async def list(self, prefix: str = "") -> list[str]:
-        return await self.inner.list(prefix)
-
-    def get_url(self, key: str) -> str:
-        return self.inner.get_url(key)
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from poh_batcher.errors import StorageError
+from faultkit import FlakyStorage
 from poh_batcher.metrics import Metrics, reason_label
 from poh_batcher.parsing import LineValidator
 from poh_batcher.pipeline import ArchiveSettings, run_archive
@@ -67,20 +67,6 @@ def test_reject_reasons_become_bounded_labels(reason: str, label: str) -> None:
     assert reason_label(reason) == label
 
 
-class _FlakyStorage(LocalStorage):
-    """Fails the first ``failures`` stores with a retryable error."""
-
-    def __init__(self, root: Path, failures: int) -> None:
-        super().__init__(root)
-        self.failures = failures
-
-    async def save_bytes(self, key: str, data: bytes, **kwargs: Any) -> None:
-        if self.failures:
-            self.failures -= 1
-            raise StorageError("503 Slow Down", retryable=True)
-        await super().save_bytes(key, data, **kwargs)
-
-
 async def test_counters_match_the_summary_with_retries(tmp_path: Path) -> None:
     lines = [ACK % i for i in range(250)] + ["nope", '{"id":"x"}', '{"id":"y"}', ""]
     stream = io.BytesIO("\n".join(lines).encode() + b"\n")
@@ -89,7 +75,7 @@ async def test_counters_match_the_summary_with_retries(tmp_path: Path) -> None:
     summary = await run_archive(
         settings,
         LineSource(stream, LineValidator()),
-        _FlakyStorage(tmp_path, failures=2),
+        FlakyStorage(LocalStorage(tmp_path), failures=2),
         report_rejects=_ignore,
         stop=asyncio.Event(),
         observers=[metrics],

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from faultkit import FlakyStorage
 from poh_batcher.batcher import AsyncBatcher
 from poh_batcher.clock import SystemClock
 from poh_batcher.errors import ConfigurationError, DeliveryError, KeyExistsError, StorageError
@@ -42,31 +43,7 @@ class FixedHourClock(SystemClock):
         return HOUR
 
 
-class FlakyStorage(StorageBackend):
-    """Wraps a real backend at the StorageBackend seam: the first ``failures`` saves fail like a 503."""
 
-    def __init__(self, inner: StorageBackend, failures: int) -> None:
-        self.inner = inner
-        self.failures = failures
-        self.calls = 0
-
-    async def save_bytes(self, key: str, data: bytes, **kwargs: Any) -> None:
-        self.calls += 1
-        if self.calls <= self.failures:
-            raise StorageError(f"S3 PUT {key} failed: HTTP 503: SlowDown (injected)", retryable=True)
-        await self.inner.save_bytes(key, data, **kwargs)
-
-    async def load_bytes(self, key: str) -> bytes:
-        return await self.inner.load_bytes(key)
-
-    async def exists(self, key: str) -> bool:
-        return await self.inner.exists(key)
-
-    async def list(self, prefix: str = "") -> list[str]:
-        return await self.inner.list(prefix)
-
-    def get_url(self, key: str) -> str:
-        return self.inner.get_url(key)
 
 
 def make_storage(server: S3Server, bucket: str, prefix: str = "", **options: Any) -> S3Storage:
