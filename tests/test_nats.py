@@ -105,6 +105,21 @@ async def consumer_info(url: str, stream: str, durable: str) -> ConsumerInfo:
         await nc.close()
 
 
+def wait_until_delivered(
+    url: str, names: SimpleNamespace, count: int, batchers: list[subprocess.Popen[Any]], timeout: float
+) -> None:
+    """Poll until the consumer has handed out ``count`` messages, while every batcher still runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(nats.js.errors.NotFoundError):  # not created by a batcher yet
+            info = asyncio.run(consumer_info(url, names.stream, names.durable))
+            if info.delivered.stream_seq >= count:
+                return
+        assert time.monotonic() < deadline, f"fewer than {count} messages delivered in {timeout} s"
+        assert all(b.poll() is None for b in batchers), "a batcher ended early"
+        time.sleep(0.05)
+
+
 def publish_cli(server: NatsServer, path: Path, names: SimpleNamespace, *extra: str) -> int:
     argv = [str(path), "--to", server.url, "--subject", names.subject, "--stream", names.stream, *extra]
     return publish_main(argv)
@@ -363,15 +378,7 @@ def test_sigterm_mid_stream_acks_what_was_stored_and_hands_back_the_rest(
     run += ["--durable", names.durable, "--ack-wait", "60", "-o", str(tmp_path / "archive")]
     batcher = subprocess.Popen(run, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                info = asyncio.run(consumer_info(nats_server.url, names.stream, names.durable))
-                if info.delivered.stream_seq >= 5000:
-                    break
-            assert time.monotonic() < deadline
-            assert batcher.poll() is None
-            time.sleep(0.05)
+        wait_until_delivered(nats_server.url, names, 5000, [batcher], timeout=30)
         batcher.send_signal(signal.SIGTERM)
         _, err = batcher.communicate(timeout=30)
     finally:
@@ -400,15 +407,7 @@ def test_a_server_restart_mid_stream_loses_nothing(names: SimpleNamespace, tmp_p
         run += ["--durable", names.durable, "--ack-wait", "3", "--until-empty", "-o", str(tmp_path / "archive")]
         batcher = subprocess.Popen(run, stderr=subprocess.PIPE, text=True)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                with contextlib.suppress(nats.js.errors.NotFoundError):
-                    info = asyncio.run(consumer_info(server.url, names.stream, names.durable))
-                    if info.delivered.stream_seq >= 3000:
-                        break
-                assert time.monotonic() < deadline
-                assert batcher.poll() is None
-                time.sleep(0.05)
+            wait_until_delivered(server.url, names, 3000, [batcher], timeout=30)
             server.stop()
             time.sleep(1.5)
             server.start()
@@ -465,15 +464,7 @@ def test_three_batchers_drain_300k_into_one_s3_prefix_and_survive_a_kill_9(
     batchers = [subprocess.Popen([*CLI, *common], stderr=logs[i], env=env) for i in range(3)]
     try:
         # Kill one while the stream is being drained, with messages in its hands.
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(nats.js.errors.NotFoundError):  # not created by a batcher yet
-                info = asyncio.run(consumer_info(nats_server.url, names.stream, names.durable))
-                if info.delivered.stream_seq >= 100_000:
-                    break
-            assert time.monotonic() < deadline, "the batchers did not start draining"
-            assert all(b.poll() is None for b in batchers), "a batcher ended early"
-            time.sleep(0.1)
+        wait_until_delivered(nats_server.url, names, 100_000, batchers, timeout=60)
         batchers[0].send_signal(signal.SIGKILL)
         for batcher in batchers[1:]:
             batcher.wait(timeout=120)
