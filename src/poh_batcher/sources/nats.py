@@ -11,7 +11,7 @@ messages (the batch size), and the next one is sent only when the pipeline asks
 for more, so at most one request's worth of messages waits here beyond the
 chunk the pipeline is handling. When storage is slow the batcher applies
 backpressure, stops asking, nothing more is pulled, and the messages stay in
-JetStream. While messages wait here longer than a third of the ack wait, they
+JetStream. While messages wait here longer than a quarter of the ack wait, they
 are marked in progress (``+WPI``) so that JetStream does not redeliver them to
 another batcher while this one is alive. On a clean stop, what was pulled but
 not stored is handed back at once (``-NAK``) rather than after the ack wait.
@@ -522,8 +522,12 @@ class NatsSource:
                 return
 
     async def _keep_in_progress(self) -> None:
-        """Mark messages held longer than a third of the ack wait as in progress."""
-        period = self.settings.ack_wait / 3
+        """Mark messages held longer than a quarter of the ack wait as in progress.
+
+        Checked every quarter, a message is marked by half its ack wait at the latest,
+        leaving the other half for a busy event loop and the network.
+        """
+        period = self.settings.ack_wait / 4
         while True:
             await asyncio.sleep(period)
             old = time.monotonic() - period
