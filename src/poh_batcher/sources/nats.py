@@ -289,6 +289,7 @@ class NatsSource:
             self._ticker = None
         if self._nc is None:
             return
+        await self._end_open_pull()
         await self._settle_sends()
         if self._sub is not None:
             # Withdraw the inbox first, and take in what was already on its way: the
@@ -315,6 +316,22 @@ class NatsSource:
             await nc.flush(timeout=5)
         with contextlib.suppress(Exception):
             await nc.close()
+
+    async def _end_open_pull(self) -> None:
+        """Wait until the open pull request is fulfilled or expired (``fetch_wait`` at most).
+
+        JetStream cannot cancel a pull request: a message it sends after the inbox
+        is withdrawn counts as delivered and would come back only after the ack
+        wait. Taken in here instead, it is handed back at once with the rest.
+        """
+        pull = self._pull
+        while pull is not None and pull.wanted > 0 and self._nc is not None and self._nc.is_connected:
+            remaining = pull.deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
 
     async def _settle_sends(self) -> None:
         while self._sending:
