@@ -156,6 +156,51 @@ async def test_timeout_counts_from_first_ack_not_last() -> None:
     await batcher.stop()
 
 
+async def test_bulk_enqueue_flushes_its_open_tail_at_timeout_from_its_first_ack() -> None:
+    clock, sink, stored = FakeClock(), Collect(), asyncio.Event()
+
+    async def collect(batch: PackedBatch) -> None:
+        await sink(batch)
+        stored.set()
+
+    batcher = AsyncBatcher(500, 1.0, collect, clock=clock)
+    tail = await batcher.enqueue_lines(LINES[:700])  # one full batch sealed, 200 left open
+    await wait_real(stored.wait())
+    clock.advance(0.99)
+    await settle()
+    await asyncio.sleep(0.05)
+    assert sink.counts == [500]
+    clock.advance(0.01)
+    receipts = await wait_real(tail)
+    assert [r.count for r in receipts] == [500, 200]
+    assert sink.lines() == LINES[:700]
+    await batcher.stop()
+
+
+async def test_a_batch_left_open_while_a_bulk_enqueue_waits_for_room_is_flushed_on_time() -> None:
+    gate = asyncio.Event()
+    sink = Collect()
+
+    async def slow(batch: PackedBatch) -> None:
+        await gate.wait()
+        await sink(batch)
+
+    clock = FakeClock()
+    batcher = AsyncBatcher(10, 1.0, slow, max_pending=25, max_in_flight=1, clock=clock)
+    task = asyncio.ensure_future(batcher.enqueue_lines(LINES[:100]))
+    await settle()
+    assert not task.done()  # 2 batches sealed, the third open with 5 ACKs, waiting for room
+    assert batcher.stats.acks_enqueued == 25
+    clock.advance(1.0)  # the open batch's timeout
+    await settle()
+    gate.set()
+    all_done = await wait_real(task)
+    await batcher.stop()
+    await wait_real(all_done)
+    assert sink.counts[:3] == [10, 10, 5]
+    assert sink.lines() == LINES[:100]
+
+
 async def test_timer_restarts_for_next_batch() -> None:
     clock, sink = FakeClock(), Collect()
     batcher = AsyncBatcher(2, 1.0, sink, clock=clock)

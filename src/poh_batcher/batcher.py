@@ -290,7 +290,9 @@ class AsyncBatcher:
             self._check_open()
         if self._pending >= self.max_pending:
             await self._wait_for_room()
-        return self._append(line)
+        delivered = self._append(line)
+        self._arm_timer()
+        return delivered
 
     submit = enqueue
 
@@ -317,6 +319,7 @@ class AsyncBatcher:
         start = 0
         while start < len(lines):
             if self._pending >= self.max_pending:
+                self._arm_timer()  # the open batch is flushed on time even while this call waits
                 await self._wait_for_room()
             if self._current is None:
                 self._open()
@@ -340,6 +343,7 @@ class AsyncBatcher:
                     if not futures or futures[-1] is not future:
                         futures.append(future)
                     start += 1
+        self._arm_timer()
         return asyncio.ensure_future(asyncio.gather(*futures))
 
     def _append(self, line: bytes) -> asyncio.Future[BatchReceipt]:
@@ -367,8 +371,17 @@ class AsyncBatcher:
         batch = _OpenBatch(self._batches, self._clock.monotonic(), loop)
         self._batches += 1
         self._current = batch
-        self._timer = loop.create_task(self._flush_when_due(batch))
         return batch
+
+    def _arm_timer(self) -> None:
+        """Start the open batch's flush timer, once it outlives an enqueue call.
+
+        A bulk enqueue fills and seals most batches within the call that opened
+        them: they never need a timer task (one per batch, created and cancelled).
+        """
+        batch = self._current
+        if batch is not None and self._timer is None:
+            self._timer = asyncio.get_running_loop().create_task(self._flush_when_due(batch))
 
     async def _flush_when_due(self, batch: _OpenBatch) -> None:
         """Flush ``batch`` ``timeout`` seconds after its first ACK, if still open."""
