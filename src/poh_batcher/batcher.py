@@ -291,7 +291,8 @@ class AsyncBatcher:
         if self._pending >= self.max_pending:
             await self._wait_for_room()
         delivered = self._append(line)
-        self._arm_timer()
+        if self._timer is None:
+            self._arm_timer()
         return delivered
 
     submit = enqueue
