@@ -147,6 +147,54 @@ def test_s3_server_stopped_mid_run(own_s3: S3Server, tmp_path: Path) -> None:
     )
 
 
+def test_s3_unreachable_at_start_with_a_spool_accepts_and_delivers_once_it_answers(
+    own_s3: S3Server, tmp_path: Path
+) -> None:
+    bucket = own_s3.create_bucket()
+    source = tmp_path / "acks.jsonl"
+    expected = write_acks(source, 20_000)
+    env = child_env(**own_s3.env())
+    spool = tmp_path / "spool"
+    args = ["-i", str(source), "-o", f"s3://{bucket}/late", "-n", "200", "--spool-dir", str(spool)]
+    own_s3.stop()
+    child = Watched(args, tmp_path, env)
+    try:
+        assert wait_for(lambda: child.sample() or "retrying" in child.stderr(), 30), child.stderr()
+        assert child.process.poll() is None, child.stderr()
+        assert wait_for(lambda: child.sample() or list(spool.glob("seg-*.wal")), 10), child.stderr()
+        own_s3.start()
+        status = child.wait(120)
+    finally:
+        child.kill()
+        if not own_s3.running:
+            own_s3.start()
+    stderr = child.stderr()
+    assert status == 0, stderr[-3000:]
+    assert "connection refused" in stderr
+    assert "starting anyway: ACKs are accepted into the spool" in stderr
+    assert own_s3.secret_key not in stderr
+    ledger = Ledger()
+    ledger.observe(s3_objects(own_s3.client(), bucket, "late"))
+    assert ledger.missing(expected) == []
+    assert ledger.duplicates() == {}
+    assert sum(ledger.ids.values()) == len(expected)
+
+
+def test_s3_unreachable_at_start_without_a_spool_fails_fast(own_s3: S3Server, tmp_path: Path) -> None:
+    bucket = own_s3.create_bucket()
+    source = tmp_path / "acks.jsonl"
+    write_acks(source, 100)
+    own_s3.stop()
+    try:
+        done = run(["-i", str(source), "-o", f"s3://{bucket}/p", "--no-spool"], env=child_env(**own_s3.env()))
+    finally:
+        own_s3.start()
+    assert done.returncode == 3, done.stderr
+    assert f"error: cannot use s3://{bucket}/p: " in done.stderr
+    assert "connection refused" in done.stderr
+    assert "starting anyway" not in done.stderr
+
+
 # -- a full disk -------------------------------------------------------------------
 
 

@@ -279,7 +279,7 @@ async def _archive(
 ) -> Summary:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
-    await storage.preflight()
+    await _preflight(storage, spooled=spool is not None)
     recovered = Recovered()
     if spool is not None:
         input_name = stream.name if isinstance(stream.name, str) else None  # a file descriptor: stdin
@@ -326,6 +326,25 @@ async def _archive(
     if spool is not None:
         summary.spool_dir = str(spool.directory)
     return summary
+
+
+async def _preflight(storage: StorageBackend, *, spooled: bool) -> None:
+    """Fail fast on what retrying cannot fix (credentials, a missing bucket, a bad path).
+
+    Storage that does not answer yet (refused, timed out, 5xx) only stops a run
+    without a spool: with one, the ACKs are accepted into it meanwhile and
+    stored, with back-off, once storage answers, as during an outage mid-run.
+    """
+    try:
+        await storage.preflight()
+    except StorageError as exc:
+        if not (spooled and exc.retryable):
+            raise
+        logging.getLogger("poh_batcher").warning(
+            "%s; starting anyway: ACKs are accepted into the spool and stored once it answers",
+            exc,
+            extra={"cause": "storage unreachable at start"},
+        )
 
 
 def _run_settled(job: Coroutine[Any, Any, Summary], *, settle: bool = True) -> Summary:
