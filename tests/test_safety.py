@@ -204,18 +204,46 @@ def test_credentials_in_endpoint_url_never_printed(
     assert_secret_free(done, URL_PASSWORD, WRONG_SECRET)
 
 
-def test_unreachable_endpoint_with_credentials(tmp_path: Path) -> None:
-    """Connection refused, endpoint with a password, --debug: the message names the endpoint, not the password."""
+def _unreachable_endpoint_run(tmp_path: Path, *options: str) -> list[str]:
     source = tmp_path / "acks.jsonl"
     write_acks(source, 10)
-    env = child_env(
-        AWS_ACCESS_KEY_ID="AKIAABCDEFGHIJKLMNOP", AWS_SECRET_ACCESS_KEY=WRONG_SECRET, AWS_REGION="us-east-1",
-        AWS_ALLOW_HTTP="true",
-    )  # fmt: skip
-    done = run(
-        ["-i", str(source), "-o", "s3://bucket/p", "--s3-endpoint", f"http://u:{URL_PASSWORD}@127.0.0.1:9",
-         "--debug", "--spool-dir", str(tmp_path / "sp")],
-        env=env,
-    )  # fmt: skip
-    assert done.returncode in (2, 3), done.stderr
+    return ["-i", str(source), "-o", "s3://bucket/p", "--s3-endpoint", f"http://u:{URL_PASSWORD}@127.0.0.1:9",
+            "--debug", *options]  # fmt: skip
+
+
+_UNREACHABLE_ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIAABCDEFGHIJKLMNOP", "AWS_SECRET_ACCESS_KEY": WRONG_SECRET, "AWS_REGION": "us-east-1",
+    "AWS_ALLOW_HTTP": "true",
+}  # fmt: skip
+
+
+def test_unreachable_endpoint_with_credentials_fails_fast_without_a_spool(tmp_path: Path) -> None:
+    """Connection refused, endpoint with a password, --debug: the message names the endpoint, not the password."""
+    done = run(_unreachable_endpoint_run(tmp_path, "--no-spool"), env=child_env(**_UNREACHABLE_ENV))
+    assert done.returncode == 3, done.stderr
+    assert "127.0.0.1:9" in done.stderr
+    assert_secret_free(done, URL_PASSWORD, WRONG_SECRET, "AKIAABCDEFGHIJKLMNOP")
+
+
+def test_unreachable_endpoint_with_credentials_retried_into_the_spool(tmp_path: Path) -> None:
+    """With a spool the run waits for the endpoint, warning without the password, until stopped."""
+    args = _unreachable_endpoint_run(tmp_path, "--spool-dir", str(tmp_path / "sp"), "--shutdown-timeout", "1")
+    log = tmp_path / "stderr"
+    env = child_env(**_UNREACHABLE_ENV)
+    with log.open("wb") as stderr:
+        process = subprocess.Popen([*POH, *args], stdout=subprocess.PIPE, stderr=stderr, env=env)
+    try:
+        assert wait_for(lambda: "retrying" in log.read_text(), 30), log.read_text()
+        assert process.poll() is None, log.read_text()
+        process.terminate()
+        stdout, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    done = subprocess.CompletedProcess(args, process.returncode, stdout.decode(), log.read_text())
+    assert done.returncode == 4, done.stderr  # interrupted, the 10 ACKs kept in the spool
+    assert "starting anyway" in done.stderr
+    assert "never retrieved" not in done.stderr  # a failed batch is reported once, not as asyncio noise
+    assert "127.0.0.1:9" in done.stderr
     assert_secret_free(done, URL_PASSWORD, WRONG_SECRET, "AKIAABCDEFGHIJKLMNOP")

@@ -345,7 +345,9 @@ class AsyncBatcher:
                         futures.append(future)
                     start += 1
         self._arm_timer()
-        return asyncio.ensure_future(asyncio.gather(*futures))
+        everything = asyncio.ensure_future(asyncio.gather(*futures))
+        everything.add_done_callback(_swallow)  # like each batch's future: failures reach stop() anyway
+        return everything
 
     def _append(self, line: bytes) -> asyncio.Future[BatchReceipt]:
         batch = self._current

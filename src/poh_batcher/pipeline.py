@@ -199,6 +199,8 @@ async def run_archive(
             with contextlib.suppress(RuntimeError):
                 await chunks.aclose()
         failure = await _drain(batcher, stop, settings.shutdown_timeout)
+        if stop.is_set() and summary.stopped_by == "end of input":
+            summary.stopped_by = "interrupted"  # the signal came while the last uploads were awaited
         stats = batcher.stats
         summary.acks_accepted = max(summary.acks_journaled, stats.acks_enqueued - accepted_before)
         summary.lines_read = summary.acks_accepted + summary.lines_rejected + summary.blank_lines
