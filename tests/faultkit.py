@@ -89,6 +89,12 @@ class Ledger:
     def duplicates(self) -> dict[str, int]:
         return {i: n for i, n in self.ids.items() if n > 1}
 
+    def assert_each_once(self, expected: list[str]) -> None:
+        """Every expected ACK is stored exactly once, and nothing else is."""
+        assert self.missing(expected) == []
+        assert self.duplicates() == {}
+        assert sum(self.ids.values()) == len(expected)
+
 
 def local_objects(root: Path) -> dict[str, bytes]:
     """Batch files below ``root`` (hidden temp files excluded), by key."""

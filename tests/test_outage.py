@@ -86,6 +86,17 @@ class Watched:
             self.process.wait()
 
 
+@contextlib.contextmanager
+def server_back_and_child_gone(server: S3Server, child: Watched) -> Iterator[None]:
+    """Whatever the test body does to them, afterwards the child is gone and the module's server runs."""
+    try:
+        yield
+    finally:
+        child.kill()
+        if not server.running:
+            server.start()
+
+
 def retry_warnings(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "retrying" in line]
 
@@ -100,7 +111,7 @@ def test_s3_server_stopped_mid_run(own_s3: S3Server, tmp_path: Path) -> None:
     client = own_s3.client()
     ledger = Ledger()
     child = Watched(args, tmp_path, env)
-    try:
+    with server_back_and_child_gone(own_s3, child):
         assert wait_for(
             lambda: child.sample() or client.list_objects_v2(Bucket=bucket, Prefix="outage/").get("KeyCount", 0) >= 20,
             60,
@@ -120,17 +131,11 @@ def test_s3_server_stopped_mid_run(own_s3: S3Server, tmp_path: Path) -> None:
         own_s3.start()
         outage = time.monotonic() - stopped_at
         status = child.wait(120)
-    finally:
-        child.kill()
-        if not own_s3.running:
-            own_s3.start()
     stderr = child.stderr()
     assert status == 0, stderr[-3000:]
     ledger.observe(s3_objects(client, bucket, "outage"))
     assert ledger.overwritten == []
-    assert ledger.missing(expected) == []
-    assert ledger.duplicates() == {}
-    assert sum(ledger.ids.values()) == len(expected)
+    ledger.assert_each_once(expected)
     assert ledger.objects > before
     # Memory bounded: input paused while storage was away (backpressure), not buffered.
     assert 0 < child.peak_kib < MEMORY_LIMIT_KIB, f"peak RSS {child.peak_kib} KiB"
@@ -158,16 +163,12 @@ def test_s3_unreachable_at_start_with_a_spool_accepts_and_delivers_once_it_answe
     args = ["-i", str(source), "-o", f"s3://{bucket}/late", "-n", "200", "--spool-dir", str(spool)]
     own_s3.stop()
     child = Watched(args, tmp_path, env)
-    try:
+    with server_back_and_child_gone(own_s3, child):
         assert wait_for(lambda: child.sample() or "retrying" in child.stderr(), 30), child.stderr()
         assert child.process.poll() is None, child.stderr()
         assert wait_for(lambda: child.sample() or list(spool.glob("seg-*.wal")), 10), child.stderr()
         own_s3.start()
         status = child.wait(120)
-    finally:
-        child.kill()
-        if not own_s3.running:
-            own_s3.start()
     stderr = child.stderr()
     assert status == 0, stderr[-3000:]
     assert "connection refused" in stderr
@@ -175,9 +176,7 @@ def test_s3_unreachable_at_start_with_a_spool_accepts_and_delivers_once_it_answe
     assert own_s3.secret_key not in stderr
     ledger = Ledger()
     ledger.observe(s3_objects(own_s3.client(), bucket, "late"))
-    assert ledger.missing(expected) == []
-    assert ledger.duplicates() == {}
-    assert sum(ledger.ids.values()) == len(expected)
+    ledger.assert_each_once(expected)
 
 
 def test_s3_unreachable_at_start_without_a_spool_fails_fast(own_s3: S3Server, tmp_path: Path) -> None:
@@ -250,9 +249,7 @@ def test_full_disk_then_space_returns(tmp_path: Path, spool_on_full_disk: bool) 
             assert "(disk full: free space and it will be retried)" in stderr
         ledger = Ledger()
         ledger.observe(local_objects(out))
-        assert ledger.missing(expected) == []
-        assert ledger.duplicates() == {}
-        assert sum(ledger.ids.values()) == len(expected)
+        ledger.assert_each_once(expected)
         assert not list(spool.glob("seg-*.wal"))
         assert child.peak_kib < MEMORY_LIMIT_KIB
         print(f"\nfull disk ({'spool too' if spool_on_full_disk else 'destination'}): 0 lost, 0 duplicates")
@@ -269,7 +266,7 @@ def test_sigterm_during_s3_outage(own_s3: S3Server, tmp_path: Path) -> None:
             "--shutdown-timeout", "2"]  # fmt: skip
     client = own_s3.client()
     child = Watched(args, tmp_path, env)
-    try:
+    with server_back_and_child_gone(own_s3, child):
         assert wait_for(
             lambda: child.sample() or client.list_objects_v2(Bucket=bucket, Prefix="term/").get("KeyCount", 0) >= 5,
             60,
@@ -281,10 +278,6 @@ def test_sigterm_during_s3_outage(own_s3: S3Server, tmp_path: Path) -> None:
         child.process.send_signal(signal.SIGTERM)
         status = child.wait(30)
         seconds = time.monotonic() - started
-    finally:
-        child.kill()
-        if not own_s3.running:
-            own_s3.start()
     stderr = child.stderr()
     assert status == 4, stderr[-3000:]
     assert seconds < 2 + 2.5, f"{seconds:.1f} s to stop with --shutdown-timeout 2"
@@ -294,9 +287,7 @@ def test_sigterm_during_s3_outage(own_s3: S3Server, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     ledger = Ledger()
     ledger.observe(s3_objects(client, bucket, "term"))
-    assert ledger.missing(expected) == []
-    assert ledger.duplicates() == {}
-    assert sum(ledger.ids.values()) == len(expected)
+    ledger.assert_each_once(expected)
 
 
 # -- a full disk without mounting anything: LocalStorage raising ENOSPC for a while ----------
