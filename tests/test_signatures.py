@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poh_batcher.ingest_checks import build_checks, dedupe_check, signature_check, ttl_check
+from poh_batcher.parsing import LineValidator
 from poh_batcher.signatures import SignatureVerifier, b58decode, signed_message, verify_lines
 
 DATA = Path(__file__).parent / "data" / "acks_10k.jsonl"
@@ -177,3 +179,62 @@ def test_build_checks_order_keeps_forgeries_out_of_the_dedupe_window(real_lines:
     assert first_reason(genuine) is None  # the forged copy did not take its id
     assert (first_reason(genuine) or "").startswith("duplicate id")
     assert len(build_checks(dedupe=True)) == 1
+
+
+def _forged(line: bytes) -> bytes:
+    """The same id, another timestamp, the old signature."""
+    ack = json.loads(line)
+    ack["timestamp"] = ack["timestamp"].replace("2025", "2024", 1)
+    return json.dumps(ack, separators=(",", ":")).encode()
+
+
+@pytest.fixture(scope="module")
+def many_lines() -> list[bytes]:
+    return DATA.read_bytes().splitlines()[:1000]
+
+
+def test_check_block_spreads_a_block_over_threads_and_keeps_line_order(
+    many_lines: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = [_forged(line) if index % 7 == 3 else line for index, line in enumerate(many_lines)]
+    verifier = SignatureVerifier()
+    verifier.threads = 4  # whatever this machine has: four slices, three on pool threads
+    threads: set[str] = set()
+    verify_line = verifier.verify_line
+
+    def noting_thread(line: bytes) -> str | None:
+        threads.add(threading.current_thread().name)
+        return verify_line(line)
+
+    monkeypatch.setattr(verifier, "verify_line", noting_thread)
+    reasons = verifier.check_block(lines)
+    assert reasons == [SignatureVerifier().verify_line(line) for line in lines]
+    assert [index for index, reason in enumerate(reasons) if reason] == [i for i in range(1000) if i % 7 == 3]
+    assert len(threads) == 4
+    assert sum(name.startswith("poh-verify") for name in threads) == 3
+    assert verifier.check_block(lines[:10]) == reasons[:10]  # a small block stays on the calling thread
+
+
+def test_validator_applies_block_and_line_checks_as_line_by_line_would(many_lines: list[bytes]) -> None:
+    """Forged copies and duplicates spread over a block that the signature check splits."""
+    genuine = many_lines[:600]
+    lines: list[bytes] = []
+    for index, line in enumerate(genuine):
+        if index % 50 == 10:
+            lines.append(_forged(line))  # a forged copy first: must not take the id
+        lines.append(line)
+        if index % 40 == 20:
+            lines.append(line)  # a replay: dropped as a duplicate
+    validator = LineValidator(checks=build_checks(verify_signatures=True, dedupe=True))
+    block = validator.validate_block(lines, first_line=1)
+
+    line_checks = build_checks(verify_signatures=True, dedupe=True)
+    expected: list[tuple[int, str]] = []
+    for number, line in enumerate(lines, 1):
+        reason = next((r for r in (check(line) for check in line_checks) if r is not None), None)
+        if reason is not None:
+            expected.append((number, reason))
+    assert [(reject.line, reject.reason) for reject in block.rejects] == expected
+    assert block.acks == genuine
+    assert sum("does not verify" in reason for _, reason in expected) == 12
+    assert sum(reason.startswith("duplicate id") for _, reason in expected) == 15

@@ -3,7 +3,8 @@
 Each factory returns an :data:`~poh_batcher.parsing.AckCheck`: a callable that
 takes one valid, minified ACK line and returns a reject reason, or None to
 keep it. The :class:`~poh_batcher.parsing.LineValidator` runs them on the
-input thread (never on the event loop), in order, stopping at the first reason;
+input thread (never on the event loop), in order, stopping at the first reason
+(the signature check spreads each block over one thread per CPU);
 :func:`build_checks` returns them in the order that keeps the duplicate window
 honest: an ACK is remembered as seen only once every other check passed, so a
 forged copy can never shadow the genuine ACK that follows it.
@@ -53,7 +54,7 @@ def signature_check(key_cache_size: int = DEFAULT_KEY_CACHE_SIZE) -> AckCheck:
     """Reject ACKs whose Ed25519 signature does not verify (``--verify-signatures``)."""
     from .signatures import SignatureVerifier  # imports cryptography: only when asked for
 
-    return SignatureVerifier(key_cache_size).verify_line
+    return SignatureVerifier(key_cache_size)  # also a BlockCheck: verifies a block on every CPU
 
 
 def ttl_check(ttl_seconds: float, clock: Clock | None = None) -> AckCheck:

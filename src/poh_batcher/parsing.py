@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -24,7 +24,25 @@ from .errors import InvalidAckError
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 AckCheck = Callable[[bytes], "str | None"]
-"""An extra check of a valid ACK line (signature, age, duplicate): a reject reason, or None."""
+"""An extra check of a valid ACK line (signature, age, duplicate): a reject reason, or None.
+
+A check that also has a ``check_block(lines) -> list[str | None]`` method is
+given the block's remaining ACKs at once instead (see :class:`BlockCheck`).
+"""
+
+
+@runtime_checkable
+class BlockCheck(Protocol):
+    """An :data:`AckCheck` that checks many lines in one call, for example on several threads.
+
+    It must be pure (no state carried from line to line), so that checking a
+    whole block before the next check gives what checking line by line would.
+    """
+
+    def __call__(self, line: bytes) -> str | None: ...
+
+    def check_block(self, lines: list[bytes]) -> list[str | None]: ...
+
 REQUIRED_FIELDS = ("id", "timestamp", "signature", "pubkey")
 
 _NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
@@ -116,12 +134,19 @@ class LineValidator:
             )
             numbered = list(zip(numbers, block.acks, strict=True))
         checked = ValidatedBlock(rejects=list(block.rejects), blank=block.blank)
-        for number, ack in numbered:
-            reason = next((r for r in (check(ack) for check in self.checks) if r is not None), None)
-            if reason is None:
-                checked.acks.append(ack)
-            else:
-                checked.rejects.append(Reject(number, reason, lines[number - first_line]))
+        # Check by check over the block, each seeing only what passed the ones before it:
+        # the same outcome as line by line, and a block check gets every line at once.
+        for check in self.checks:
+            acks = [ack for _, ack in numbered]
+            reasons = check.check_block(acks) if isinstance(check, BlockCheck) else [check(ack) for ack in acks]
+            passed: list[tuple[int, bytes]] = []
+            for (number, ack), reason in zip(numbered, reasons, strict=True):
+                if reason is None:
+                    passed.append((number, ack))
+                else:
+                    checked.rejects.append(Reject(number, reason, lines[number - first_line]))
+            numbered = passed
+        checked.acks = [ack for _, ack in numbered]
         checked.rejects.sort(key=lambda reject: reject.line)
         return checked
 
