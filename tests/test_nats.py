@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -181,20 +182,43 @@ def test_settings_refuse_bad_names() -> None:
         NatsSettings("nats://x:4222", ack_wait=0)
 
 
-def test_a_redelivery_of_a_message_still_held_is_acked_with_it_not_archived_twice() -> None:
+async def test_a_redelivery_of_a_message_still_held_is_acked_with_it_not_archived_twice() -> None:
     source = NatsSource(NatsSettings("nats://127.0.0.1:1"), LineValidator())
     line = sample_lines(1)[0]
 
     def msg(delivered: int) -> Any:
         return SimpleNamespace(reply=f"$JS.ACK.ACKS.poh.{delivered}.5.{delivered}.0.0", data=line, subject="acks.x")
 
-    first = source._make_chunk([msg(1)])
+    first = await source._make_chunk([msg(1)])
     assert first is not None
     assert first.acks == [line]
-    assert source._make_chunk([msg(2)]) is None  # the same stream sequence, still in flight here
+    assert await source._make_chunk([msg(2)]) is None  # the same stream sequence, still in flight here
     assert source.stats.duplicates == 1
     (delivery,) = source._in_flight.values()
     assert delivery.replies == ["$JS.ACK.ACKS.poh.1.5.1.0.0", "$JS.ACK.ACKS.poh.2.5.2.0.0"]  # both acked when stored
+
+
+async def test_extra_checks_of_messages_run_off_the_event_loop() -> None:
+    """Signature checks cost ~70 µs a message: a chunk of them must not stall the loop."""
+    lines = sample_lines(50)
+    rejected = lines[::3]
+    checked_on: set[str] = set()
+
+    def check(line: bytes) -> str | None:
+        checked_on.add(threading.current_thread().name)
+        return "rejected by the test" if line in rejected else None
+
+    source = NatsSource(NatsSettings("nats://127.0.0.1:1"), LineValidator(checks=[check]))
+    msgs = [
+        SimpleNamespace(reply=f"$JS.ACK.ACKS.poh.1.{seq}.{seq}.0.0", data=line, subject="acks.x")
+        for seq, line in enumerate(lines, 1)
+    ]
+    chunk = await source._make_chunk(msgs)
+    assert chunk is not None
+    assert threading.current_thread().name not in checked_on
+    assert len(checked_on) == 1
+    assert [reject.raw for reject in chunk.rejects] == rejected
+    assert chunk.acks == [line for line in lines if line not in rejected]
 
 
 # -- the source against the server ---------------------------------------------
