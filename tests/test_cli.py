@@ -383,7 +383,10 @@ def test_default_destination_is_batches_in_cwd(tmp_path: Path, env: dict[str, st
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(["--level", "99"], "level"), (["-i", "/nonexistent/acks.jsonl"], "/nonexistent/acks.jsonl")],
+    [
+        (["--level", "99"], "level"),
+        (["-i", "/nonexistent/acks.jsonl"], "cannot read --input /nonexistent/acks.jsonl: No such file"),
+    ],
 )
 def test_fatal_errors_are_one_line(args: list[str], needle: str, tmp_path: Path, env: dict[str, str]) -> None:
     result = run([*args, "-o", str(tmp_path / "out")], env, LINES[0])

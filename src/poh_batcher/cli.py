@@ -388,7 +388,10 @@ def _open_input(name: str) -> BinaryIO:
     """
     if name == "-":
         return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
-    return open(os.path.abspath(name), "rb")
+    try:
+        return open(os.path.abspath(name), "rb")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read --input {name}: {exc.strerror or exc}") from exc
 
 
 def _seek_input(stream: BinaryIO, offset: int) -> None:
