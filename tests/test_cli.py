@@ -386,6 +386,8 @@ def test_default_destination_is_batches_in_cwd(tmp_path: Path, env: dict[str, st
     [
         (["--level", "99"], "level"),
         (["-i", "/nonexistent/acks.jsonl"], "cannot read --input /nonexistent/acks.jsonl: No such file"),
+        (["--rejects", "/nonexistent/r.jsonl"], "cannot write --rejects /nonexistent/r.jsonl: No such file"),
+        (["--stats-json", "/nonexistent/s.json"], "cannot write --stats-json /nonexistent/s.json: /nonexistent is"),
     ],
 )
 def test_fatal_errors_are_one_line(args: list[str], needle: str, tmp_path: Path, env: dict[str, str]) -> None:

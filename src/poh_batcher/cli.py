@@ -207,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         storage = storage_from_url(args.output_dir, **options)
         with ExitStack() as files:
             stream = files.enter_context(_open_input(args.input))
-            rejects_file = files.enter_context(RejectsFile(args.rejects)) if args.rejects else None
+            rejects_file = files.enter_context(_open_rejects(args.rejects)) if args.rejects else None
+            _check_report_path(args.stats_json)
             observers = command_observers(args, files)
             summary = _run_settled(
                 _archive(
@@ -392,6 +393,21 @@ def _open_input(name: str) -> BinaryIO:
         return open(os.path.abspath(name), "rb")
     except OSError as exc:
         raise ConfigurationError(f"cannot read --input {name}: {exc.strerror or exc}") from exc
+
+
+def _open_rejects(path: str) -> RejectsFile:
+    try:
+        return RejectsFile(path)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write --rejects {path}: {exc.strerror or exc}") from exc
+
+
+def _check_report_path(path: str | None) -> None:
+    """``--stats-json`` is written at the end: a folder that is missing or read-only is found now."""
+    if path and path != "-":
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigurationError(f"cannot write --stats-json {path}: {folder} is missing or not writable")
 
 
 def _seek_input(stream: BinaryIO, offset: int) -> None:
