@@ -84,6 +84,7 @@ def test_minify_keeps_strings_with_escaped_backslash() -> None:
     [
         (b'{"id":"\xff\xfe","timestamp":"2025-01-01T00:00:00Z","signature":"s","pubkey":"p"}', "not valid UTF-8"),
         (b"{not json", "not valid JSON"),
+        (b'\xef\xbb\xbf{"id":"a","timestamp":"2025-01-01T00:00:00Z","signature":"s","pubkey":"p"}', "byte order mark"),
         (b'{"id":"a",}', "not valid JSON"),
         (b"[1,2,3]", "not a JSON object (got array)"),
         (b'"just a string"', "not a JSON object (got string)"),

@@ -61,6 +61,7 @@ class _AckShape(msgspec.Struct, gc=False):  # str and datetime fields: no cycles
 _decoder = msgspec.json.Decoder(_AckShape)
 _generic_decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
+_BOM = b"\xef\xbb\xbf"
 _WHITESPACE = re.compile(rb"[ \t\r\n]")
 _STRING_OR_SPACE = re.compile(rb'("(?:[^"\\]|\\.)*")|[ \t\r\n]+', re.DOTALL)
 
@@ -179,6 +180,8 @@ class LineValidator:
 
 def _validate_slowly(line: bytes) -> bytes:
     """Full validation with a precise reason; returns the minified line."""
+    if line.startswith(_BOM):
+        raise InvalidAckError("starts with a UTF-8 byte order mark (BOM); JSON Lines must not have one")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
