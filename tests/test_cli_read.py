@@ -327,6 +327,19 @@ def test_s3_cat_ls_verify(run: Run, s3_archive: str, s3_server: Any, stream: byt
     assert (code, out.splitlines()) == (0, lines[:500])
 
 
+def test_s3_reading_back_takes_the_archive_commands_s3_settings_from_the_environment(
+    run: Run, s3_archive: str, s3_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator who set POH_BATCHER_S3_ENDPOINT / _REGION for the writer reads back from the same server."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.setenv("POH_BATCHER_S3_ENDPOINT", s3_server.endpoint)
+    monkeypatch.setenv("POH_BATCHER_S3_REGION", s3_server.region)
+    code, out, err = run("ls", s3_archive, "--json")
+    assert code == 0, err
+    assert json.loads(out)["total"]["acks"] == 3000
+
+
 def test_s3_verify_reports_damage(run: Run, s3_archive: str, s3_server: Any, stream: bytes) -> None:
     bucket = s3_archive.removeprefix("s3://").partition("/")[0]
     client = s3_server.client()

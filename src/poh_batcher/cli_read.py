@@ -61,7 +61,18 @@ def _parser(name: str, description: str, *, many: bool = False) -> argparse.Argu
     )
     parser.add_argument("--since", default=None, metavar="HOUR", help="first UTC hour to read, e.g. 2025-01-01T03")
     parser.add_argument("--until", default=None, metavar="HOUR", help="last UTC hour to read (included)")
-    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
+    # The archive command's S3 settings from the environment apply here too, so that reading
+    # back goes to the server the archive was written to.
+    parser.add_argument(
+        "--s3-endpoint",
+        default=os.environ.get("POH_BATCHER_S3_ENDPOINT") or None,
+        help="S3-compatible endpoint URL (default: POH_BATCHER_S3_ENDPOINT, then AWS_ENDPOINT_URL)",
+    )
+    parser.add_argument(
+        "--s3-region",
+        default=os.environ.get("POH_BATCHER_S3_REGION") or None,
+        help="S3 region (default: POH_BATCHER_S3_REGION, then AWS_REGION)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of fatal errors")
     return parser
 
@@ -139,7 +150,7 @@ def _fail(args: argparse.Namespace, exc: BaseException, status: int) -> int:
 
 
 def _reader(args: argparse.Namespace, source: str) -> ArchiveReader:
-    options = {"endpoint": args.s3_endpoint} if args.s3_endpoint else {}
+    options = {name: value for name, value in (("endpoint", args.s3_endpoint), ("region", args.s3_region)) if value}
     return ArchiveReader(source, since=args.since, until=args.until, storage_options=options)
 
 
