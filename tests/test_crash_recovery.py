@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import POH, Ledger, child_env, local_objects, run, small_disk, wait_for, write_acks
+from faultkit import POH, Ledger, child_env, fill_disk, local_objects, run, small_disk, wait_for, write_acks
 from poh_batcher.batcher import pack_lines
 from poh_batcher.spool import _BATCH, _read_records
 
@@ -207,23 +207,6 @@ def test_kill9_during_batch_replay(tmp_path: Path) -> None:
     print(f"\n{len(plans)} planned batches replayed to their keys; {interrupted_replays} replays cut by SIGKILL")
 
 
-def fill(folder: Path) -> Path:
-    """Fill the file system of ``folder`` to the last byte; the filler file."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for size in (65536, 4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\0" * size)
-    finally:
-        os.close(fd)
-    return filler
-
-
-
-
-
 def sigterm_when_retrying(args: list[str], folder: Path, timeout: float) -> tuple[int, float, str]:
     """Start the command, wait for its first retry warning, SIGTERM it: (status, seconds to exit, stderr)."""
     log = folder / "stderr.log"
@@ -250,7 +233,7 @@ def test_sigterm_during_outage(tmp_path: Path, phase: str) -> None:
     spool = tmp_path / "spool"
     with small_disk(tmp_path / "out", "1m") as out:
         args = archive_args(source, tmp_path, "--shutdown-timeout", "2", "-t", "0.1")
-        filler = fill(out)
+        filler = fill_disk(out)
         if phase == "replaying":  # leave planned batches in the spool: the next run starts by replaying them
             process = subprocess.Popen([*POH, *args], stderr=subprocess.DEVNULL, env=child_env())
             assert wait_for(lambda: len(planned_batches(spool)) >= 2, 20)

@@ -63,6 +63,12 @@ def names() -> SimpleNamespace:
     return SimpleNamespace(stream=f"T{tag}", subject=f"acks{tag}.node", durable=f"d{tag}")
 
 
+def consumer_options(url: str, names: SimpleNamespace, ack_wait: float) -> list[str]:
+    """The command's options that make it one batcher on this test's stream and durable."""
+    return ["--source", url, "--stream", names.stream, "--subject", names.subject, "--durable", names.durable,
+            "--ack-wait", f"{ack_wait:g}"]  # fmt: skip
+
+
 def sample_lines(count: int) -> list[bytes]:
     """``count`` valid ACK lines with unique ids (the 10k sample, ids rewritten beyond it)."""
     base = SAMPLE.read_bytes().splitlines()
@@ -358,16 +364,7 @@ def test_a_poisoned_message_is_rejected_once_and_never_redelivered(
     rejects = tmp_path / "rejects.jsonl"
     run = [
         *CLI,
-        "--source",
-        nats_server.url,
-        "--stream",
-        names.stream,
-        "--subject",
-        names.subject,
-        "--durable",
-        names.durable,
-        "--ack-wait",
-        "1",
+        *consumer_options(nats_server.url, names, ack_wait=1),
         "--until-empty",
         "-t",
         "0.2",
@@ -398,8 +395,7 @@ def test_sigterm_mid_stream_acks_what_was_stored_and_hands_back_the_rest(
 ) -> None:
     lines = sample_lines(30_000)
     asyncio.run(publish(nats_server.url, names, lines))
-    run = [*CLI, "--source", nats_server.url, "--stream", names.stream, "--subject", names.subject]
-    run += ["--durable", names.durable, "--ack-wait", "60", "-o", str(tmp_path / "archive")]
+    run = [*CLI, *consumer_options(nats_server.url, names, ack_wait=60), "-o", str(tmp_path / "archive")]
     batcher = subprocess.Popen(run, stderr=subprocess.PIPE, text=True)
     try:
         wait_until_delivered(nats_server.url, names, 5000, [batcher], timeout=30)
@@ -427,8 +423,7 @@ def test_a_server_restart_mid_stream_loses_nothing(names: SimpleNamespace, tmp_p
         server.start()
         lines = sample_lines(20_000)
         asyncio.run(publish(server.url, names, lines))
-        run = [*CLI, "--source", server.url, "--stream", names.stream, "--subject", names.subject]
-        run += ["--durable", names.durable, "--ack-wait", "3", "--until-empty", "-o", str(tmp_path / "archive")]
+        run = [*CLI, *consumer_options(server.url, names, ack_wait=3), "--until-empty", "-o", str(tmp_path / "archive")]
         batcher = subprocess.Popen(run, stderr=subprocess.PIPE, text=True)
         try:
             wait_until_delivered(server.url, names, 3000, [batcher], timeout=30)
@@ -474,16 +469,7 @@ def test_three_batchers_drain_300k_into_one_s3_prefix_and_survive_a_kill_9(
     prefix = "scale/out"
     env = {**os.environ, **s3_server.env()}
     common = [
-        "--source",
-        nats_server.url,
-        "--stream",
-        names.stream,
-        "--subject",
-        names.subject,
-        "--durable",
-        names.durable,
-        "--ack-wait",
-        "3",
+        *consumer_options(nats_server.url, names, ack_wait=3),
         "--until-empty",
         "-n",
         str(BATCH),

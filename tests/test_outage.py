@@ -22,6 +22,7 @@ from faultkit import (
     Ledger,
     ack_line,
     child_env,
+    fill_disk,
     local_objects,
     peak_rss_kib,
     run,
@@ -97,6 +98,15 @@ def server_back_and_child_gone(server: S3Server, child: Watched) -> Iterator[Non
             server.start()
 
 
+def until_stored(child: Watched, client: Any, bucket: str, prefix: str, objects: int) -> bool:
+    """Wait (60 s at most) until ``objects`` batches are under ``prefix``; False if the child exited first."""
+
+    def stored() -> bool:
+        return client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/").get("KeyCount", 0) >= objects
+
+    return wait_for(lambda: child.sample() or stored(), 60, 0.02) and child.process.poll() is None
+
+
 def retry_warnings(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "retrying" in line]
 
@@ -112,12 +122,7 @@ def test_s3_server_stopped_mid_run(own_s3: S3Server, tmp_path: Path) -> None:
     ledger = Ledger()
     child = Watched(args, tmp_path, env)
     with server_back_and_child_gone(own_s3, child):
-        assert wait_for(
-            lambda: child.sample() or client.list_objects_v2(Bucket=bucket, Prefix="outage/").get("KeyCount", 0) >= 20,
-            60,
-            0.05,
-        ), child.stderr()
-        assert child.process.poll() is None, "the run ended before the outage"
+        assert until_stored(child, client, bucket, "outage", 20), f"the run ended before the outage:\n{child.stderr()}"
         ledger.observe(s3_objects(client, bucket, "outage"))
         before = ledger.objects
         stopped_at = time.monotonic()
@@ -199,27 +204,6 @@ def test_s3_unreachable_at_start_without_a_spool_fails_fast(own_s3: S3Server, tm
 
 
 
-
-def fill(folder: Path, leave: int = 0) -> Path:
-    """Fill the file system of ``folder``, leaving about ``leave`` bytes free; the filler file."""
-    filler = folder / "filler"
-    stats = os.statvfs(folder)
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        room = stats.f_bavail * stats.f_frsize - leave
-        with contextlib.suppress(OSError):
-            while room > 0:
-                room -= os.write(fd, b"\0" * min(room, 65536))
-        if not leave:
-            for size in (4096, 1):
-                with contextlib.suppress(OSError):
-                    while True:
-                        os.write(fd, b"\0" * size)
-    finally:
-        os.close(fd)
-    return filler
-
-
 @pytest.mark.parametrize("spool_on_full_disk", [False, True], ids=["destination-full", "destination-and-spool-full"])
 def test_full_disk_then_space_returns(tmp_path: Path, spool_on_full_disk: bool) -> None:
     source = tmp_path / "acks.jsonl"
@@ -228,7 +212,7 @@ def test_full_disk_then_space_returns(tmp_path: Path, spool_on_full_disk: bool) 
         out = disk / "out"
         spool = disk / "spool" if spool_on_full_disk else tmp_path / "spool"
         args = ["-i", str(source), "-o", str(out), "-n", "200", "-t", "0.2", "--spool-dir", str(spool)]
-        filler = fill(disk, leave=96 * 1024 if spool_on_full_disk else 0)
+        filler = fill_disk(disk, leave=96 * 1024 if spool_on_full_disk else 0)
         child = Watched(args, tmp_path, child_env())
         try:
             expected_message = "cannot write to spool" if spool_on_full_disk else "disk full"
@@ -267,11 +251,7 @@ def test_sigterm_during_s3_outage(own_s3: S3Server, tmp_path: Path) -> None:
     client = own_s3.client()
     child = Watched(args, tmp_path, env)
     with server_back_and_child_gone(own_s3, child):
-        assert wait_for(
-            lambda: child.sample() or client.list_objects_v2(Bucket=bucket, Prefix="term/").get("KeyCount", 0) >= 5,
-            60,
-            0.02,
-        ), child.stderr()
+        assert until_stored(child, client, bucket, "term", 5), child.stderr()
         own_s3.stop()
         assert wait_for(lambda: "retrying" in child.stderr(), 30), child.stderr()
         started = time.monotonic()

@@ -90,38 +90,24 @@ def test_wheel_installs_in_a_fresh_venv_and_runs(dist: Path, tmp_path: Path) -> 
     assert install.returncode == 0, install.stdout + install.stderr
     clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     clean_env["XDG_STATE_HOME"] = str(tmp_path / "state")
-    version = subprocess.run(
-        [str(env_dir / "bin" / "poh-batcher"), "--version"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=clean_env,
-        timeout=60,
-        check=False,
-    )
+
+    def in_venv(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run from outside the work tree, with nothing of this environment on the path."""
+        return subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, cwd=tmp_path, env=clean_env, timeout=60, check=False
+        )
+
+    version = in_venv(str(env_dir / "bin" / "poh-batcher"), "--version")
     assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == f"poh-batcher {__version__}"
     # It imports from the venv, not from the work tree, and archives with zstd.
-    where = subprocess.run(
-        [str(python), "-c", "import poh_batcher; print(poh_batcher.__file__)"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=clean_env,
-        timeout=60,
-        check=True,
-    )
+    where = in_venv(str(python), "-c", "import poh_batcher; print(poh_batcher.__file__)")
+    assert where.returncode == 0, where.stderr
     assert str(env_dir) in where.stdout
-    run = subprocess.run(
-        [str(env_dir / "bin" / "poh-batcher"), "-o", str(tmp_path / "out"), "--quiet"],
-        input="".join(ACK % i + "\n" for i in range(10)),
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=clean_env,
-        timeout=60,
-        check=False,
-    )
+    run = in_venv(
+        str(env_dir / "bin" / "poh-batcher"), "-o", str(tmp_path / "out"), "--quiet",
+        stdin="".join(ACK % i + "\n" for i in range(10)),
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     stored = [p.name for p in (tmp_path / "out").rglob("ack_batch_*")]
     assert len(stored) == 1

@@ -43,6 +43,16 @@ async def fill(spool: Spool, count: int, *, start: int = 0, per_chunk: int = 10)
         await spool.append(lines, input_offset=end * 100, next_line=end + 1)
 
 
+async def journal(
+    folder: Path, count: int, input_name: str | None = INPUT, *, per_chunk: int = 10, **options: Any
+) -> None:
+    """Leave a spool in ``folder`` holding ``count`` journaled ACKs, none of them batched."""
+    spool = Spool(folder, destination=DEST, **options)
+    spool.open(input_name)
+    await fill(spool, count, per_chunk=per_chunk)
+    await spool.close()
+
+
 async def test_round_trip_acks_plans_and_deliveries(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s", destination=DEST)
     recovered = spool.open(INPUT)
@@ -75,10 +85,7 @@ async def test_round_trip_acks_plans_and_deliveries(tmp_path: Path) -> None:
 
 
 async def test_other_input_starts_at_zero(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, destination=DEST)
-    spool.open(INPUT)
-    await fill(spool, 10)
-    await spool.close()
+    await journal(tmp_path, 10)
     other = Spool(tmp_path, destination=DEST)
     recovered = other.open("/data/other.jsonl")
     assert (recovered.input_offset, recovered.input_line) == (0, 1)
@@ -87,10 +94,7 @@ async def test_other_input_starts_at_zero(tmp_path: Path) -> None:
 
 
 async def test_torn_last_record_is_dropped(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, destination=DEST)
-    spool.open(INPUT)
-    await fill(spool, 20)
-    await spool.close()
+    await journal(tmp_path, 20)
     last = segments(tmp_path)[-1]
     size = last.stat().st_size
     os.truncate(last, size - 7)  # the last record (ACKs 10..19) is cut mid-payload
@@ -110,10 +114,7 @@ async def test_torn_last_record_is_dropped(tmp_path: Path) -> None:
 
 
 async def test_torn_header_is_dropped(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, destination=DEST)
-    spool.open(None)
-    await fill(spool, 10, per_chunk=5)
-    await spool.close()
+    await journal(tmp_path, 10, None, per_chunk=5)
     last = segments(tmp_path)[-1]
     last.write_bytes(last.read_bytes() + b"A\x05")  # a crash after two bytes of a header
     recovered = Spool(tmp_path, destination=DEST).open(None)
@@ -122,10 +123,7 @@ async def test_torn_header_is_dropped(tmp_path: Path) -> None:
 
 
 async def test_corruption_in_a_non_last_segment_is_an_error(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, destination=DEST, segment_bytes=400)
-    spool.open(INPUT)
-    await fill(spool, 60, per_chunk=5)
-    await spool.close()
+    await journal(tmp_path, 60, per_chunk=5, segment_bytes=400)
     files = segments(tmp_path)
     assert len(files) >= 3
     data = bytearray(files[0].read_bytes())
@@ -136,10 +134,7 @@ async def test_corruption_in_a_non_last_segment_is_an_error(tmp_path: Path) -> N
 
 
 async def test_missing_segment_is_an_error(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, destination=DEST, segment_bytes=400)
-    spool.open(INPUT)
-    await fill(spool, 60, per_chunk=5)
-    await spool.close()
+    await journal(tmp_path, 60, per_chunk=5, segment_bytes=400)
     files = segments(tmp_path)
     files[1].unlink()
     with pytest.raises(SpoolError, match="expected"):
@@ -249,10 +244,7 @@ async def test_offset_carried_across_rotation(tmp_path: Path) -> None:
 
 async def test_offset_of_the_new_segment_header_after_rotation(tmp_path: Path) -> None:
     """Each new segment starts with the input position, so deleting older ones loses nothing."""
-    spool = Spool(tmp_path, destination=DEST, segment_bytes=300)
-    spool.open(INPUT)
-    await fill(spool, 30, per_chunk=5)
-    await spool.close()
+    await journal(tmp_path, 30, per_chunk=5, segment_bytes=300)
     files = segments(tmp_path)
     assert len(files) >= 2
     for older in files[:-1]:
