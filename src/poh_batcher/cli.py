@@ -203,8 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # With a spool, ACKs wait safely on disk: retry until storage is back or we are stopped.
             retry=RetryPolicy(attempts=None if not args.no_spool else 10, initial_delay=0.2, max_delay=30.0),
         )
-        options = {name: value for name, value in (("endpoint", args.s3_endpoint), ("region", args.s3_region)) if value}
-        storage = storage_from_url(args.output_dir, **options)
+        storage = storage_from_url(args.output_dir, endpoint=args.s3_endpoint or None, region=args.s3_region or None)
         with ExitStack() as files:
             stream = files.enter_context(_open_input(args.input))
             rejects_file = files.enter_context(_open_rejects(args.rejects)) if args.rejects else None

@@ -150,7 +150,7 @@ def _fail(args: argparse.Namespace, exc: BaseException, status: int) -> int:
 
 
 def _reader(args: argparse.Namespace, source: str) -> ArchiveReader:
-    options = {name: value for name, value in (("endpoint", args.s3_endpoint), ("region", args.s3_region)) if value}
+    options = {"endpoint": args.s3_endpoint or None, "region": args.s3_region or None}  # None: from the environment
     return ArchiveReader(source, since=args.since, until=args.until, storage_options=options)
 
 
