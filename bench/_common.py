@@ -15,6 +15,7 @@ ROOT = BENCH.parent
 CACHE = BENCH / ".cache"
 GEN_ACKS = ROOT.parent / "shared" / "gen_acks.py"
 FULL_LINES = 1_000_000
+OUT_ROOT = CACHE / "out"  # where runs write; bench_cli --out-root moves it (tmpfs: no disk cost)
 
 
 def input_file(lines: int = FULL_LINES) -> Path:
@@ -95,7 +96,7 @@ def run_child(
 
 
 def fresh_dir(name: str) -> Path:
-    path = CACHE / "out" / name
+    path = OUT_ROOT / name
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path

@@ -1,12 +1,19 @@
 """CLI end to end (stdin → validated → compressed, fsync'd files) against the ``zstd`` yardstick.
 
 The CLI runs with its defaults (write-ahead spool on, in a folder under bench/.cache),
-plus zstd with ``--no-spool``.
+plus zstd with ``--no-spool``. The floor row (bench/floor.py) does only the
+compression and the fsync'd files, with no validation, ordering or bookkeeping:
+it is what this machine allows any implementation with the same durability.
 
-    python bench/bench_cli.py [--quick] [--reps N]
+    python bench/bench_cli.py [--quick] [--reps N] [--out-root DIR]
 
-Every repetition runs the yardstick and the command one after the other, so
-both see the same machine; the best of the repetitions of each is reported
+``--out-root /dev/shm/pb`` writes to tmpfs, where an fsync costs nothing: the
+difference to a disk run is what the disk costs, and what remains between
+the floor and the CLI is the CPU the CLI spends on top (validation alone is
+timed in process and printed last).
+
+Every repetition runs the yardstick, the floor and the command one after the
+other, so all see the same machine; the best of the repetitions of each is reported
 (the machine is shared, and the best run is the least disturbed one).
 """
 
@@ -16,10 +23,13 @@ import argparse
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import ChildRun, count_files, count_lines, fresh_dir, input_file, mb, rate, run_child
+import _common
+from _common import BENCH, ChildRun, count_files, count_lines, fresh_dir, input_file, mb, rate, run_child
+from poh_batcher.parsing import LineValidator
 
 BATCH = 500
 CODECS = ("zstd", "gzip", "none")
@@ -51,6 +61,19 @@ def yardstick(path: Path, threads: int) -> ChildRun:
     run = run_child(argv, stdin_path=path)
     if run.returncode != 0:
         raise SystemExit(f"zstd failed: {run.stderr}")
+    return run
+
+
+def floor(path: Path, acks: int) -> ChildRun:
+    out = fresh_dir(f"floor-{len(_KEEP)}")
+    run = run_child([sys.executable, str(BENCH / "floor.py"), str(out)], stdin_path=path)
+    files = count_files(out)
+    _KEEP.append(out)
+    expected_files = -(-acks // BATCH)
+    if run.returncode != 0 or files != expected_files:
+        raise SystemExit(
+            f"floor run failed: exit {run.returncode}, {files} files (expected {expected_files})\n{run.stderr}"
+        )
     return run
 
 
@@ -88,12 +111,13 @@ def run(quick: bool = False, reps: int | None = None, codecs: tuple[str, ...] = 
     path = input_file(lines)
     acks = count_lines(path)
     size = path.stat().st_size
-    y2, y1 = Best([]), Best([])
+    y2, y1, fl = Best([]), Best([]), Best([])
     variants = [v for v in VARIANTS if v[1] in codecs]
     runs = {label: Best([]) for label, _, _ in variants}
     for _ in range(reps):
         y2.runs.append(yardstick(path, 2))
         y1.runs.append(yardstick(path, 1))
+        fl.runs.append(floor(path, acks))
         for label, codec, extra in variants:
             runs[label].runs.append(cli(path, codec, acks, extra=extra))
     cleanup()
@@ -103,13 +127,18 @@ def run(quick: bool = False, reps: int | None = None, codecs: tuple[str, ...] = 
         f"best of {reps} (all walls in brackets)"
     )
     print(f"{'':30s} {'wall s':>7s} {'ACKs/s':>8s} {'MB/s':>7s} {'x yard':>7s} {'RSS MB':>7s} {'cpu s':>6s}")
-    for name, best in (("yardstick zstd -3 -T2", y2), ("yardstick zstd -3", y1)):
+    for name, best in (("yardstick zstd -3 -T2", y2), ("yardstick zstd -3", y1), ("floor: zstd + durable files", fl)):
         r = best.best
         print(
             f"{name:30s} {r.wall:7.2f} {rate(acks, r.wall):>8s} {mb(size) / r.wall:7.0f} {yard / r.wall:7.2f} "
             f"{r.max_rss_kb / 1024:7.1f} {r.user + r.sys:6.2f}   [{best.walls()}]"
         )
-    results: dict[str, object] = {"yardstick_T2": yard, "yardstick_T1": y1.best.wall, "acks": acks}
+    results: dict[str, object] = {
+        "yardstick_T2": yard,
+        "yardstick_T1": y1.best.wall,
+        "floor": fl.best.wall,
+        "acks": acks,
+    }
     for label, _, _ in variants:
         r = runs[label].best
         name = f"CLI {label}"
@@ -124,7 +153,39 @@ def run(quick: bool = False, reps: int | None = None, codecs: tuple[str, ...] = 
             ratio = yard / runs[label].best.wall
             verdict = "moonshot met" if ratio >= 0.6 else "target met" if ratio >= 0.5 else "BELOW TARGET"
             print(f"CLI {label} / yardstick zstd -3 -T2 = {ratio:.2f} (target >= 0.5, moonshot 0.6): {verdict}")
+    floor_line = f"floor (compression + fsync'd files, no validation) / yardstick = {yard / fl.best.wall:.2f}"
+    if "zstd --no-spool" in runs:
+        floor_line += f"; CLI zstd --no-spool / floor = {fl.best.wall / runs['zstd --no-spool'].best.wall:.2f}"
+    print(floor_line)
+    split, validated = reader_seconds(path)
+    print(
+        f"CLI reader thread alone, in process, one thread: read + split into lines {split:.2f} CPU s, "
+        f"+ validation {validated - split:.2f} CPU s"
+    )
     return results
+
+
+def reader_seconds(path: Path) -> tuple[float, float]:
+    """CPU seconds (best of 3) to read and split ``path`` as the CLI's reader does, and to also validate it.
+
+    The reader holds Python's global lock for all of it, so it bounds how fast
+    one process can go, whatever the other threads do.
+    """
+    validator = LineValidator()
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(3):
+        for validate in best:
+            started = time.process_time()
+            with path.open("rb") as f:
+                carry = b""
+                while block := f.read(1 << 20):
+                    data = carry + block
+                    lines = data.split(b"\n")
+                    carry = lines.pop()
+                    if validate:
+                        validator.validate_block(lines, source=data)
+            best[validate] = min(best[validate], time.process_time() - started)
+    return best[False], best[True]
 
 
 def memory(quick: bool = False) -> dict[str, float]:
@@ -154,7 +215,10 @@ if __name__ == "__main__":
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--codec", action="append", choices=CODECS, help="only these codecs (repeatable)")
     parser.add_argument("--memory", action="store_true", help="also the 1M vs 10M peak RSS runs")
+    parser.add_argument("--out-root", type=Path, help=f"write outputs here (default {_common.OUT_ROOT})")
     args = parser.parse_args()
+    if args.out_root:
+        _common.OUT_ROOT = args.out_root
     run(args.quick, args.reps, tuple(args.codec) if args.codec else CODECS)
     if args.memory:
         memory(args.quick)

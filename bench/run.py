@@ -1,7 +1,8 @@
 """Every benchmark of issue 6 in one run: ``python bench/run.py [--quick]``.
 
-1. yardstick ``zstd -3 -T2`` and ``zstd -3``, and the CLI end to end (stdin →
-   validated → zstd-3 / gzip / none files, fsync'd, batch 500), interleaved;
+1. yardstick ``zstd -3 -T2`` and ``zstd -3``, the floor (``floor.py``: compression
+   and durable files only), and the CLI end to end (stdin → validated → zstd-3 /
+   gzip / none files, fsync'd, batch 500), interleaved;
 2. the library: per-ACK ``await enqueue`` and bulk ``enqueue_many``;
 3. peak RSS of the CLI for 1M and 10M ACKs;
 4. latency from enqueue to durable delivery at 1,000 ACKs/s, ``-t 0.5``.

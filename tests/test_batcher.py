@@ -484,6 +484,46 @@ async def test_an_outage_while_naming_the_first_batch_of_an_hour_is_retried(tmp_
     assert (tmp_path / receipt.key).is_file()
 
 
+class GatedListing(FlakyStorage):
+    """Listing an hour's folder waits until the test opens the gate; counts the listings."""
+
+    def __init__(self, inner: LocalStorage) -> None:
+        super().__init__(inner, failures=0)
+        self.gate = asyncio.Event()
+        self.listed: list[str] = []
+
+    async def list(self, prefix: str = "") -> list[str]:
+        self.listed.append(prefix)
+        await self.gate.wait()
+        return await self.inner.list(prefix)
+
+
+async def test_keys_follow_batch_order_while_a_new_hour_is_listed_slowly(tmp_path: Path) -> None:
+    """Only the first batch of an hour lists its folder; the batches sealed while it waits
+    are named after it, so seqs follow batch order within each hour."""
+    clock = FakeClock()  # 12:30
+    storage = GatedListing(LocalStorage(tmp_path))
+    batcher = AsyncBatcher(5, 3600.0, storage, max_in_flight=8, max_pending=1000, clock=clock)
+    storage.gate.set()
+    first_hour = await batcher.enqueue_many(LINES[:15])
+    await wait_real(first_hour)
+    clock.advance(1800.0)  # 13:00: the next batch lists a new folder
+    storage.gate.clear()
+    second_hour = await batcher.enqueue_many(LINES[15:40])
+    await settle()
+    assert storage.listed == ["20250101/12/", "20250101/13/"]  # the new hour's listing waits...
+    assert not second_hour.done()  # ...and every batch behind it waits too
+    storage.gate.set()
+    await wait_real(second_hour)
+    await batcher.stop()
+    receipts = [*first_hour.result(), *second_hour.result()]
+    assert [r.index for r in receipts] == list(range(8))
+    assert [r.key for r in receipts] == [f"20250101/12/ack_batch_{seq:06d}.json.zst" for seq in range(3)] + [
+        f"20250101/13/ack_batch_{seq:06d}.json.zst" for seq in range(5)
+    ]
+    assert storage.listed == ["20250101/12/", "20250101/13/"]  # once per hour, not per batch
+
+
 async def test_failures_spread_over_concurrent_batches_lose_nothing(tmp_path: Path) -> None:
     clock = FakeClock()
     flaky = FlakyStorage(LocalStorage(tmp_path), failures=2)
