@@ -59,6 +59,18 @@ class Collect:
         return [line for b in self.batches for line in _acks_of(b)]
 
 
+class GatedCollect(Collect):
+    """A slow sink: each batch is recorded only once the test sets ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def __call__(self, batch: PackedBatch) -> None:
+        await self.gate.wait()
+        await super().__call__(batch)
+
+
 def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -178,22 +190,16 @@ async def test_bulk_enqueue_flushes_its_open_tail_at_timeout_from_its_first_ack(
 
 
 async def test_a_batch_left_open_while_a_bulk_enqueue_waits_for_room_is_flushed_on_time() -> None:
-    gate = asyncio.Event()
-    sink = Collect()
-
-    async def slow(batch: PackedBatch) -> None:
-        await gate.wait()
-        await sink(batch)
-
+    sink = GatedCollect()
     clock = FakeClock()
-    batcher = AsyncBatcher(10, 1.0, slow, max_pending=25, max_in_flight=1, clock=clock)
+    batcher = AsyncBatcher(10, 1.0, sink, max_pending=25, max_in_flight=1, clock=clock)
     task = asyncio.ensure_future(batcher.enqueue_lines(LINES[:100]))
     await settle()
     assert not task.done()  # 2 batches sealed, the third open with 5 ACKs, waiting for room
     assert batcher.stats.acks_enqueued == 25
     clock.advance(1.0)  # the open batch's timeout
     await settle()
-    gate.set()
+    sink.gate.set()
     all_done = await wait_real(task)
     await batcher.stop()
     await wait_real(all_done)
@@ -304,21 +310,15 @@ async def test_order_across_many_batches_and_concurrency() -> None:
 
 async def test_backpressure_blocks_and_resumes() -> None:
     clock = FakeClock()
-    gate = asyncio.Event()
-    sink = Collect()
-
-    async def slow(batch: PackedBatch) -> None:
-        await gate.wait()
-        await sink(batch)
-
-    batcher = AsyncBatcher(2, 60.0, slow, max_pending=4, max_in_flight=1, clock=clock)
+    sink = GatedCollect()
+    batcher = AsyncBatcher(2, 60.0, sink, max_pending=4, max_in_flight=1, clock=clock)
     for line in LINES[:4]:
         await batcher.enqueue(line)  # two full batches pending: the limit
     blocked = asyncio.ensure_future(batcher.enqueue(LINES[4]))
     await settle()
     await asyncio.sleep(0.05)
     assert not blocked.done()  # waiting for room, not queueing without limit
-    gate.set()
+    sink.gate.set()
     fifth = await wait_real(blocked)
     await batcher.stop()
     assert fifth.done()
@@ -348,21 +348,15 @@ async def test_enqueue_many_respects_backpressure() -> None:
 
 
 async def test_stop_drains_an_enqueue_that_was_waiting_for_room() -> None:
-    gate = asyncio.Event()
-    sink = Collect()
-
-    async def slow(batch: PackedBatch) -> None:
-        await gate.wait()
-        await sink(batch)
-
-    batcher = AsyncBatcher(2, 60.0, slow, max_pending=2, max_in_flight=1, clock=FakeClock())
+    sink = GatedCollect()
+    batcher = AsyncBatcher(2, 60.0, sink, max_pending=2, max_in_flight=1, clock=FakeClock())
     await batcher.enqueue(LINES[0])
     await batcher.enqueue(LINES[1])
     blocked = asyncio.ensure_future(batcher.enqueue(LINES[2]))
     await settle()
     stopping = asyncio.ensure_future(batcher.stop())
     await settle()
-    gate.set()
+    sink.gate.set()
     await wait_real(stopping)
     if blocked.exception() is None:  # accepted: then it must be stored when stop() returns
         third = blocked.result()
